@@ -1,0 +1,106 @@
+"""Export a prepared (and trained) model as a stock PEFT LoRA adapter on the *original* base: SPEC.md §7.
+
+With a residual base the trained update relative to the original weight is ΔW = s·(B·A − B₀·A₀), written as one LoRA
+with A' = [A; A₀] and B' = [B, −B₀] (PEFT's own PiSSA/CorDA conversion). B₀'s cooperative columns are zero, so they
+are dropped: each module then has rank r' = 2R − r_coop, and ``rank_pattern`` / ``alpha_pattern`` (full dotted module
+names) keep alpha'/r' = s for every module. A sidecar ``thanora_adapter.json`` (ignored by PEFT) holds the block
+table, rank plan, entropies and resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from thanora.allocation import COOP
+from thanora.artifacts import atomic_dir
+from thanora.layers import adapter_of, lora_factors
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SIDECAR = "thanora_adapter.json"
+
+
+def converted_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module ``(lora_A', lora_B')`` expressing the trained update relative to the original base weight.
+
+    Args:
+        model: a model returned by `prepare_model`.
+
+    Returns:
+        ``{module: (A' (r', d_in), B' (d_out, r'))}`` detached on CPU, in the adapter's dtype.
+    """
+    adapter = adapter_of(model)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in adapter.targets:
+        A, B = (t.detach().cpu() for t in lora_factors(model, name))
+        if adapter.config.residual:
+            n_task = adapter.blocks[name][COOP][0]  # B₀[:, n_task:] (coop) is zero: drop it
+            A0, B0 = adapter.initial[name]
+            A = torch.cat([A, A0[:n_task].to(A)], dim=0)
+            B = torch.cat([B, -B0[:, :n_task].to(B)], dim=1)
+        factors[name] = (A.contiguous(), B.contiguous())
+    return factors
+
+
+def export_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write a PEFT LoRA adapter that stock `PeftModel.from_pretrained` loads on the original base model.
+
+    Args:
+        model: a model returned by `prepare_model` (merged or not).
+        out_dir: destination folder (replaced atomically if it exists).
+
+    Returns:
+        ``out_dir``.
+    """
+    adapter = adapter_of(model)
+    cfg = adapter.config
+    factors = converted_factors(model)
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    default_rank = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {name: r for name, r in ranks.items() if r != default_rank}
+    lora_config = LoraConfig(
+        r=default_rank,
+        lora_alpha=cfg.scaling * default_rank,
+        rank_pattern=rank_pattern,
+        alpha_pattern={name: cfg.scaling * r for name, r in rank_pattern.items()},
+        target_modules=list(factors),
+        lora_dropout=cfg.lora_dropout,
+        fan_in_fan_out=any(t.fan_in_fan_out for t in adapter.targets.values()),
+        bias="none",
+        task_type=getattr(getattr(model, "peft_config", {}).get("default"), "task_type", None),
+        base_model_name_or_path=adapter.base_model_name_or_path,
+    )
+    state = {}
+    for name, (A, B) in factors.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = A
+        state[f"base_model.model.{name}.lora_B.weight"] = B
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        lora_config.save_pretrained(str(tmp))
+        (tmp / SIDECAR).write_text(json.dumps(sidecar(model), indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def sidecar(model: nn.Module) -> dict[str, Any]:
+    """The metadata written next to the adapter: config, rank plan, entropies, block tables, conversion."""
+    adapter = adapter_of(model)
+    return {
+        "format": "thanora-adapter/1",
+        "peft_version": peft.__version__,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "conversion": "residual A'=[A;A0], B'=[B,-B0] (coop columns of B0 are zero and dropped)"
+        if adapter.config.residual else "none (no residual base)",
+        "config": adapter.config.to_dict(),
+        "rank_plan": adapter.plan.to_dict(),
+        "blocks": {name: {k: list(v) for k, v in table.items()} for name, table in adapter.blocks.items()},
+    }

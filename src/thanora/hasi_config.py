@@ -1,0 +1,120 @@
+"""`ThanoraConfig`: every choice of SPEC.md sections 1-5 and 7 as one validated, serialisable value."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+GammaMode = Literal["sqrt_per_factor", "per_factor"]
+SvdMode = Literal["exact", "randomized"]
+StatsDtype = Literal["float32", "float64"]
+
+
+@dataclass(frozen=True)
+class ThanoraConfig:
+    """Settings of ThanoRA's initialisation (HASI) and regulariser (SPR).
+
+    Defaults are the paper's values, with SPEC.md's resolutions of the open choices.
+
+    Attributes:
+        rank: LoRA rank budget R per adapted module (task blocks + cooperative block).
+        lora_alpha: LoRA alpha; ``None`` means ``rank`` (scaling 1). The initial product s·B·A does not depend on it.
+        lora_dropout: dropout on the LoRA input during training.
+        tau: softmax temperature of the entropy-based rank allocation.
+        r_min: smallest rank a task block may get in any module.
+        gamma: global factor on the task blocks' initial product.
+        gamma_mode: ``"sqrt_per_factor"`` multiplies B_t and A_t by √γ (product × γ); ``"per_factor"`` multiplies
+            each factor by γ (product × γ², the paper's literal wording).
+        residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
+        spr_lambda: weight λ of the subspace-preserving regulariser (0 disables it: "HASI only").
+        target_modules: module names (full dotted names or their suffixes such as ``"q_proj"``) inside the language
+            model; ``None`` means every linear layer of the language model (never the vision tower, the projector
+            or the output head).
+        stats_dtype: accumulation dtype of the calibration second moments.
+        damping: initial relative damping δ (C + δ·mean(diag C)·I), doubled until the solve is accurate.
+        max_damping_doublings: how many times δ may double before the covariance is declared singular.
+        solve_tolerance: relative residual the damped Cholesky solve must reach.
+        svd: ``"exact"`` (full SVD, truncated) or ``"randomized"`` (``torch.svd_lowrank``).
+        svd_oversample: extra columns of the randomized range finder.
+        svd_power_iters: power iterations of the randomized range finder.
+        seed: seed of the cooperative block's Kaiming-uniform A.
+    """
+
+    rank: int = 64
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    tau: float = 0.2
+    r_min: int = 1
+    gamma: float = 5.0
+    gamma_mode: GammaMode = "sqrt_per_factor"
+    residual: bool = True
+    spr_lambda: float = 1e-4
+    target_modules: tuple[str, ...] | None = None
+    stats_dtype: StatsDtype = "float32"
+    damping: float = 0.01
+    max_damping_doublings: int = 20
+    solve_tolerance: float = 1e-3
+    svd: SvdMode = "exact"
+    svd_oversample: int = 16
+    svd_power_iters: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 2, "rank", f"must be >= 2, got {self.rank}")
+        _require(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "must be positive or null")
+        _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        _require(self.r_min >= 1, "r_min", f"must be >= 1, got {self.r_min}")
+        _require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
+        _require(self.gamma_mode in ("sqrt_per_factor", "per_factor"), "gamma_mode",
+                 f"must be 'sqrt_per_factor' or 'per_factor', got {self.gamma_mode!r}")
+        _require(self.spr_lambda >= 0, "spr_lambda", f"must be >= 0, got {self.spr_lambda}")
+        _require(self.stats_dtype in ("float32", "float64"), "stats_dtype",
+                 f"must be 'float32' or 'float64', got {self.stats_dtype!r}")
+        _require(self.damping > 0, "damping", f"must be > 0, got {self.damping}")
+        _require(self.max_damping_doublings >= 0, "max_damping_doublings", "must be >= 0")
+        _require(self.solve_tolerance > 0, "solve_tolerance", "must be > 0")
+        _require(self.svd in ("exact", "randomized"), "svd", f"must be 'exact' or 'randomized', got {self.svd!r}")
+        _require(self.svd_oversample >= 0 and self.svd_power_iters >= 0, "svd_oversample/svd_power_iters",
+                 "must be >= 0")
+        if self.target_modules is not None:
+            names = tuple(self.target_modules)
+            _require(len(names) > 0 and all(isinstance(n, str) and n for n in names), "target_modules",
+                     "must be null (all linear layers of the language model) or a non-empty list of module names")
+            object.__setattr__(self, "target_modules", names)
+
+    @property
+    def alpha(self) -> float:
+        """The resolved lora_alpha."""
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scaling s = lora_alpha / R."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (the resolved config saved with every artifact)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["lora_alpha"] = self.alpha
+        if out["target_modules"] is not None:
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThanoraConfig:
+        """Inverse of `to_dict`; unknown keys raise a `ValueError` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ThanoraConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        data = dict(data)
+        if data.get("target_modules") is not None:
+            data["target_modules"] = tuple(data["target_modules"])
+        return cls(**data)
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"ThanoraConfig.{field_name} {message}")

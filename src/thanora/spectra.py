@@ -1,0 +1,164 @@
+"""Task-aware (instruction-previewed) decomposition of each adapted weight: SPEC.md §2.
+
+Pure functions from (W, C) to a truncated `Spectrum`; they never change the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from thanora.artifacts import load_tensors, save_tensors
+from thanora.covariance import CovarianceStats
+from thanora.hasi_config import ThanoraConfig
+from thanora.targets import Target, weight_matrix
+
+logger = logging.getLogger(__name__)
+
+
+class SingularCovarianceError(ValueError):
+    """The damped covariance stayed too ill-conditioned for an accurate solve."""
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Top-R triplets of the task-aware decomposition W = U diag(S) V̂ᵀ of one module for one task.
+
+    Attributes:
+        U: (d_out, R) left singular vectors of W·C_d.
+        S: (R,) singular values, descending.
+        Vh: (R, d_in) V̂ᵀ = Vᵀ C_d⁻¹.
+        damping: the relative damping δ that made the solve accurate.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    damping: float
+
+    @property
+    def rank(self) -> int:
+        """Number of stored triplets."""
+        return int(self.S.shape[0])
+
+    def truncate(self, rank: int) -> Spectrum:
+        """The top ``rank`` triplets (rank <= stored rank)."""
+        if rank > self.rank:
+            raise ValueError(f"spectrum holds {self.rank} triplets, {rank} requested; recompute with a larger rank")
+        return Spectrum(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.damping)
+
+
+def task_aware_svd(weight: torch.Tensor, moment: torch.Tensor, rank: int, cfg: ThanoraConfig) -> Spectrum:
+    """Top-``rank`` task-aware SVD of one weight (CorDA's Ŵ = SVD(W C) C⁻¹, damped; SPEC.md §2).
+
+    With C_d = C + δ·mean(diag C)·I, U diag(S) Vᵀ = svd(W C_d) and V̂ᵀ = Vᵀ C_d⁻¹ (Cholesky solve, no inverse), so
+    U diag(S) V̂ᵀ = W when all triplets are kept. δ starts at ``cfg.damping`` and doubles until the Cholesky
+    factorisation succeeds and the solve's relative residual is below ``cfg.solve_tolerance``.
+
+    Args:
+        weight: W, (d_out, d_in).
+        moment: C, (d_in, d_in) symmetric positive semi-definite; its dtype is the compute dtype.
+        rank: number of triplets to keep (<= min(d_out, d_in)).
+        cfg: damping, tolerance and SVD settings.
+
+    Returns:
+        The top-``rank`` `Spectrum` (compute dtype, on ``moment``'s device).
+
+    Raises:
+        SingularCovarianceError: the covariance is zero, or no damping up to the cap gave an accurate solve.
+    """
+    dtype, device = moment.dtype, moment.device
+    W = weight.detach().to(dtype=dtype, device=device)  # (d_out, d_in)
+    C = moment
+    if rank > min(W.shape):
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(W.shape)} of a {tuple(W.shape)} weight")
+    scale = torch.diagonal(C).mean()
+    if not torch.isfinite(scale) or scale <= 0:
+        raise SingularCovarianceError("the input covariance is zero or not finite (the module saw only zeros)")
+    eye = torch.eye(C.shape[0], dtype=dtype, device=device)
+    delta = cfg.damping
+    residual = float("inf")
+    for _ in range(cfg.max_damping_doublings + 1):
+        C_d = C + (delta * scale) * eye
+        L, info = torch.linalg.cholesky_ex(C_d)
+        if int(info) == 0:
+            U, S, V = _top_svd(W @ C_d, rank, cfg)  # (d_out, R), (R,), (d_in, R)
+            X = torch.cholesky_solve(V, L)  # (d_in, R) = C_d⁻¹ V
+            residual = float(torch.linalg.norm(C_d @ X - V) / torch.linalg.norm(V))
+            if residual <= cfg.solve_tolerance:
+                return Spectrum(U=U, S=S, Vh=X.T.contiguous(), damping=delta)
+        delta *= 2.0
+    raise SingularCovarianceError(
+        f"covariance too ill-conditioned: damping doubled {cfg.max_damping_doublings} times up to δ={delta / 2:g} "
+        f"and the solve residual is still {residual:.2e} > solve_tolerance={cfg.solve_tolerance:g}; "
+        "use stats_dtype=float64, more calibration data, or a larger damping"
+    )
+
+
+def _top_svd(M: torch.Tensor, rank: int, cfg: ThanoraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD of M (d_out, d_in): U (d_out, R), S (R,), V (d_in, R)."""
+    if cfg.svd == "randomized":
+        q = min(rank + cfg.svd_oversample, *M.shape)
+        U, S, V = torch.svd_lowrank(M, q=q, niter=cfg.svd_power_iters)
+        return U[:, :rank], S[:rank], V[:, :rank]
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :rank], S[:rank], Vh[:rank].T
+
+
+def decompose_task(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    stats: CovarianceStats,
+    cfg: ThanoraConfig,
+    progress: bool = True,
+) -> dict[str, Spectrum]:
+    """Task-aware spectra of every target module for one task.
+
+    Args:
+        model: the pretrained model (weights read only).
+        targets: from `find_targets`.
+        stats: the task's calibration statistics.
+        cfg: rank budget, damping and SVD settings.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``{module name: Spectrum}`` on CPU in float32.
+    """
+    spectra: dict[str, Spectrum] = {}
+    for name in tqdm(targets, desc=f"decompose [{stats.task}]", disable=not progress, leave=False):
+        module = model.get_submodule(name)
+        moment = stats.of(name).to(device=module.weight.device)
+        try:
+            spectrum = task_aware_svd(weight_matrix(module), moment, cfg.rank, cfg)
+        except (SingularCovarianceError, ValueError) as err:
+            raise type(err)(f"task {stats.task!r}, module {name!r}: {err}") from err
+        spectra[name] = Spectrum(*(t.float().cpu() for t in (spectrum.U, spectrum.S, spectrum.Vh)), spectrum.damping)
+    damped = sum(s.damping > cfg.damping for s in spectra.values())
+    if damped:
+        logger.info("task %s: %d modules needed more damping than δ=%g", stats.task, damped, cfg.damping)
+    return spectra
+
+
+def save_spectra(spectra: Mapping[str, Spectrum], path: str | Path, meta: Mapping[str, object]) -> None:
+    """Write one task's spectra (and ``meta``, e.g. the config) to a safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, s in spectra.items():
+        tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::Vh"] = s.U, s.S, s.Vh
+    damping = {name: s.damping for name, s in spectra.items()}
+    save_tensors(tensors, path, {"meta": dict(meta), "damping": damping})
+
+
+def load_spectra(path: str | Path) -> tuple[dict[str, Spectrum], dict[str, object]]:
+    """Read a file written by `save_spectra`: ``({module: Spectrum}, meta)``."""
+    tensors, stored = load_tensors(path)
+    spectra = {
+        name: Spectrum(tensors[f"{name}::U"], tensors[f"{name}::S"], tensors[f"{name}::Vh"], float(damping))
+        for name, damping in stored["damping"].items()
+    }
+    return spectra, stored["meta"]

@@ -1,0 +1,91 @@
+"""Seeded tiny models built from configs (no downloads): Llama, GPT-2 (Conv1D) and LLaVA; and their batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+VOCAB = 128
+LLAVA_IMAGE_TOKEN = 150
+LLAVA_IMAGE_TOKENS = 16  # (32 / 8)² patches, CLS dropped
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Llama: hidden 32, 2 layers, 4 heads, 2 KV heads, vocab 128."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """GPT-2 (Conv1D weights stored (d_in, d_out)): hidden 32, 2 layers, 4 heads, vocab 128."""
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
+    """LLaVA: CLIP vision tower (32 px, patch 8) + projector + tiny Llama (vocab 160, image token 150)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=160, max_position_embeddings=128, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE_TOKEN,
+                         vision_feature_layer=-1)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def random_batch(seed: int, batch: int = 3, length: int = 12, vocab: int = VOCAB, pad_tail: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """Token batch with right padding of varying length (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_tail:
+        for i in range(batch):
+            cut = length - (i * 3) % (length // 2)
+            ids[i, cut:] = 0
+            mask[i, cut:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def llava_batch(seed: int, batch: int = 2, text_len: int = 6) -> dict[str, torch.Tensor]:
+    """LLaVA batch: image tokens followed by text, one image per sample, last sample right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 140, (batch, text_len), generator=g)
+    image = torch.full((batch, LLAVA_IMAGE_TOKENS), LLAVA_IMAGE_TOKEN)
+    ids = torch.cat([image, text], dim=1)
+    mask = torch.ones_like(ids)
+    ids[-1, -2:] = 0
+    mask[-1, -2:] = 0
+    pixels = torch.randn(batch, 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.fixture
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2() -> GPT2LMHeadModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def llava() -> LlavaForConditionalGeneration:
+    return tiny_llava()
