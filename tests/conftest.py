@@ -89,3 +89,8 @@ def gpt2() -> GPT2LMHeadModel:
 @pytest.fixture
 def llava() -> LlavaForConditionalGeneration:
     return tiny_llava()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny matrices: intra-op threads only add overhead (16x slower SVDs on a busy 2-core runner).
+    torch.set_num_threads(1)

@@ -76,8 +76,8 @@ class ThanoraConfig:
         _require(self.max_damping_doublings >= 0, "max_damping_doublings", "must be >= 0")
         _require(self.solve_tolerance > 0, "solve_tolerance", "must be > 0")
         _require(self.svd in ("exact", "randomized"), "svd", f"must be 'exact' or 'randomized', got {self.svd!r}")
-        _require(self.svd_oversample >= 0 and self.svd_power_iters >= 0, "svd_oversample/svd_power_iters",
-                 "must be >= 0")
+        _require(self.svd_oversample >= 0, "svd_oversample", f"must be >= 0, got {self.svd_oversample}")
+        _require(self.svd_power_iters >= 0, "svd_power_iters", f"must be >= 0, got {self.svd_power_iters}")
         if self.target_modules is not None:
             names = tuple(self.target_modules)
             _require(len(names) > 0 and all(isinstance(n, str) and n for n in names), "target_modules",

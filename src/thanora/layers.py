@@ -101,7 +101,8 @@ def inject_(
             lora_B.copy_(init.lora_B.to(lora_B))
             layer.register_buffer(_MASK_BUFFER, task_pair_mask(init.blocks, plan.tasks), persistent=False)
             if cfg.residual:
-                W = weight_matrix(layer.base_layer).float()
+                W = weight_matrix(layer.base_layer)
+                W = W.to(torch.promote_types(W.dtype, torch.float32))  # at least float32; float64 stays float64
                 delta = cfg.scaling * (init.lora_B.to(W) @ init.lora_A.to(W))  # (d_out, d_in)
                 set_weight_matrix_(layer.base_layer, W - delta)
     adapter = ThanoraAdapter(
@@ -166,7 +167,7 @@ def _guarded_class(cls: type[PeftModel]) -> type[PeftModel]:
 
     def unload(self: PeftModel, *args: Any, **kwargs: Any) -> nn.Module:
         if not adapter_of(self).config.residual:
-            return cls.unload(self, *args, **kwargs)
+            return self.base_model.unload(*args, **kwargs)  # PeftModel forwards unload to its LoraModel
         raise ResidualBaseError(
             "unload() would return the residual base W - s·B0·A0, not the original model; use "
             "thanora.merge_(model) then model.merge_and_unload() for a merged model, or reload the original base"

@@ -43,3 +43,28 @@ def spr_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor) 
     gram_B = B.T @ B  # (n, n)
     gram_A = A @ A.T  # (n, n)
     return (gram_B.square() * weights).sum() + (gram_A.square() * weights).sum()
+
+
+def block_overlap(lora_A: torch.Tensor, lora_B: torch.Tensor, blocks: Mapping[str, tuple[int, int]],
+                  tasks: Sequence[str]) -> list[list[float]]:
+    """T×T normalised overlap of the task blocks: mean of ‖B_iᵀB_j‖_F/(‖B_i‖_F‖B_j‖_F) and the same for A.
+
+    1 on the diagonal, 0 for orthogonal blocks; what SPR drives down. Used for the before/after-training figure.
+
+    Args:
+        lora_A: (R, d_in).
+        lora_B: (d_out, R).
+        blocks: the module's block table.
+        tasks: task order.
+    """
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    out = [[0.0] * len(tasks) for _ in tasks]
+    for i, ti in enumerate(tasks):
+        for j, tj in enumerate(tasks):
+            (a, b), (c, d) = blocks[ti], blocks[tj]
+            scores = []
+            for x, y in ((B[:, a:b], B[:, c:d]), (A[a:b].T, A[c:d].T)):
+                denom = torch.linalg.norm(x) * torch.linalg.norm(y)
+                scores.append(float(torch.linalg.norm(x.T @ y) / denom) if denom > 0 else 0.0)
+            out[i][j] = sum(scores) / 2
+    return out

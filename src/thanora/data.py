@@ -1,0 +1,241 @@
+"""Tasks: configuration, seeded splits, tokenised features and the multi-task mixture sampler."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from thanora.formats import collate, encode_example, format_prompt, format_target
+from thanora.sources import Example, load_source, split_examples, split_fingerprint
+
+AnswerFormat = Literal["ranked", "letter", "generative"]
+Metric = Literal["accuracy", "exact_match", "relaxed_accuracy", "anls"]
+Sampling = Literal["proportional", "uniform", "temperature"]
+
+_DEFAULT_METRIC = {"ranked": "accuracy", "letter": "accuracy", "generative": "exact_match"}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task of a mixture (a YAML ``tasks:`` item).
+
+    Attributes:
+        name: identifier used in reports and rank plans.
+        source: ``csqa``, ``obqa``, ... (packaged benchmarks), ``hf:<id>[:<config>]``, ``jsonl:<path>``, ``csv:<path>``.
+        source_split: split of the source to read (None: its first/default split).
+        eval_source_split: if set, evaluate on this split of the source (e.g. OBQA ``test``) and train on
+            ``source_split``; otherwise train / eval / calibration are disjoint seeded slices of one split.
+        answer_format: ``ranked`` (option text is the answer, scored by log-likelihood), ``letter`` or
+            ``generative``.
+        metric: None = accuracy for multiple choice, exact_match for generative.
+        n_train: training examples.
+        n_eval: evaluation examples.
+        n_calibration: calibration examples (drawn from the training slice, as the paper previews instructions).
+    """
+
+    name: str
+    source: str
+    source_split: str | None = None
+    eval_source_split: str | None = None
+    answer_format: AnswerFormat = "ranked"
+    metric: Metric | None = None
+    n_train: int = 500
+    n_eval: int = 200
+    n_calibration: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"tasks[].name {self.name!r} must be an identifier (letters, digits, underscores)")
+        if self.answer_format not in _DEFAULT_METRIC:
+            raise ValueError(f"tasks[{self.name}].answer_format must be one of {sorted(_DEFAULT_METRIC)}, "
+                             f"got {self.answer_format!r}")
+        if self.metric is not None and self.metric not in ("accuracy", "exact_match", "relaxed_accuracy", "anls"):
+            raise ValueError(f"tasks[{self.name}].metric {self.metric!r} is unknown; use accuracy, exact_match, "
+                             "relaxed_accuracy or anls")
+        for field in ("n_train", "n_eval", "n_calibration"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"tasks[{self.name}].{field} must be >= 1, got {getattr(self, field)}")
+        if self.n_calibration > self.n_train:
+            raise ValueError(f"tasks[{self.name}].n_calibration ({self.n_calibration}) cannot exceed n_train "
+                             f"({self.n_train}): calibration samples are drawn from the training slice")
+
+    @property
+    def resolved_metric(self) -> str:
+        """The metric, with the format's default filled in."""
+        return self.metric or _DEFAULT_METRIC[self.answer_format]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How tasks become batches.
+
+    Attributes:
+        max_length: maximum tokens per example (the prompt is cut from the left, never the answer).
+        chat_template: wrap prompts with the tokenizer's chat template.
+        sampling: mixture sampling: ``proportional`` (every example once per epoch), ``uniform`` (each task
+            equally often) or ``temperature`` (p_t ∝ n_t^(1/T)).
+        sampling_temperature: T of temperature sampling.
+        stratified: every batch holds examples of every task (needed by Align-LoRA).
+        calibration_batch_size: batch size of the calibration forward passes.
+        seed: seed of the splits.
+    """
+
+    max_length: int = 256
+    chat_template: bool = False
+    sampling: Sampling = "proportional"
+    sampling_temperature: float = 2.0
+    stratified: bool = False
+    calibration_batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("proportional", "uniform", "temperature"):
+            raise ValueError(f"data.sampling must be proportional, uniform or temperature, got {self.sampling!r}")
+        if self.sampling_temperature <= 0:
+            raise ValueError("data.sampling_temperature must be > 0")
+        if self.max_length < 8:
+            raise ValueError("data.max_length must be >= 8")
+        if self.calibration_batch_size < 1:
+            raise ValueError("data.calibration_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task resolved to examples: disjoint seeded train / eval slices and calibration ⊂ train."""
+
+    config: TaskConfig
+    train: list[Example]
+    eval: list[Example]
+    calibration: list[Example]
+    fingerprint: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The task name."""
+        return self.config.name
+
+
+def build_task(cfg: TaskConfig, seed: int) -> TaskData:
+    """Load a task's source and cut its seeded splits.
+
+    Raises:
+        ValueError: unknown source, or fewer examples than ``n_train + n_eval`` (the message says how many exist).
+    """
+    examples = load_source(cfg.source, cfg.source_split)
+    if not examples:
+        raise ValueError(f"tasks[{cfg.name}]: source {cfg.source!r} has no examples")
+    if cfg.eval_source_split is None:
+        sizes = {"train": cfg.n_train, "eval": cfg.n_eval, "calibration": cfg.n_calibration}
+        try:
+            splits = split_examples(examples, sizes, seed)
+        except ValueError as err:
+            raise ValueError(f"tasks[{cfg.name}]: {err}; lower n_train / n_eval") from err
+    else:
+        splits = split_examples(examples, {"train": cfg.n_train, "calibration": cfg.n_calibration}, seed)
+        held_out = load_source(cfg.source, cfg.eval_source_split)
+        splits["eval"] = split_examples(held_out, {"eval": cfg.n_eval}, seed)["eval"]
+    return TaskData(cfg, splits["train"], splits["eval"], splits["calibration"], split_fingerprint(splits, seed))
+
+
+def encode_examples(
+    examples: Sequence[Example], task: TaskConfig, tokenizer: Any, data: DataConfig, task_id: int
+) -> list[dict[str, Any]]:
+    """Training features (answer-only labels) of examples, each tagged with ``task_id``."""
+    features = []
+    for ex in examples:
+        prompt = format_prompt(ex, task.answer_format, tokenizer, data.chat_template)
+        target = format_target(ex, task.answer_format, tokenizer, data.chat_template)
+        feature = encode_example(tokenizer, prompt, target, data.max_length, add_eos=task.answer_format == "generative")
+        feature["task_id"] = task_id
+        features.append(feature)
+    return features
+
+
+def calibration_batches(
+    task: TaskData, tokenizer: Any, data: DataConfig, device: torch.device | str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
+    """The task's calibration samples (prompt + answer, exactly as in training) as padded batches on ``device``."""
+    features = encode_examples(task.calibration, task.config, tokenizer, data, task_id=0)
+    batches = []
+    for start in range(0, len(features), data.calibration_batch_size):
+        chunk = [{k: v for k, v in f.items() if k != "task_id"} for f in features[start:start + data.calibration_batch_size]]
+        batch = collate(chunk, tokenizer.pad_token_id)
+        batches.append({k: v.to(device) for k, v in batch.items() if k != "labels"})
+    return batches
+
+
+class MixtureSampler:
+    """Batches of indices into the concatenation of the tasks' training features, deterministic per epoch.
+
+    ``proportional`` visits every example once per epoch; ``uniform`` and ``temperature`` draw each sample's task
+    with p_t (uniform, or ∝ n_t^(1/T)) and cycle through that task's shuffled examples, for the same number of
+    samples per epoch. With ``stratified`` every batch holds ⌊B/T⌋ or ⌈B/T⌉ samples of every task.
+
+    Args:
+        task_sizes: number of training features per task, in task order.
+        batch_size: samples per batch.
+        data: sampling settings.
+        seed: base seed (the epoch is mixed in).
+    """
+
+    def __init__(self, task_sizes: Sequence[int], batch_size: int, data: DataConfig, seed: int) -> None:
+        if any(n < 1 for n in task_sizes):
+            raise ValueError(f"every task needs at least one training example, got sizes {list(task_sizes)}")
+        if data.stratified and batch_size < len(task_sizes):
+            raise ValueError(f"stratified batches need batch_size >= number of tasks ({len(task_sizes)})")
+        self.sizes = list(task_sizes)
+        self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
+        self.batch_size = batch_size
+        self.data = data
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return math.ceil(sum(self.sizes) / self.batch_size)
+
+    def probabilities(self) -> list[float]:
+        """Per-task sampling probability p_t."""
+        if self.data.sampling == "uniform":
+            weights = [1.0] * len(self.sizes)
+        elif self.data.sampling == "temperature":
+            weights = [n ** (1.0 / self.data.sampling_temperature) for n in self.sizes]
+        else:
+            weights = [float(n) for n in self.sizes]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch`` (global feature indices)."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        streams = [self._stream(t, rng) for t in range(len(self.sizes))]
+        total = sum(self.sizes)
+        if self.data.stratified:
+            return self._stratified(streams, rng, total)
+        if self.data.sampling == "proportional":
+            order = list(range(total))
+            rng.shuffle(order)
+        else:
+            tasks = rng.choices(range(len(self.sizes)), weights=self.probabilities(), k=total)
+            order = [next(streams[t]) for t in tasks]
+        return [order[i:i + self.batch_size] for i in range(0, total, self.batch_size)]
+
+    def _stratified(self, streams: list[Iterator[int]], rng: random.Random, total: int) -> list[list[int]]:
+        n_tasks = len(self.sizes)
+        batches = []
+        for _ in range(len(self)):
+            share = [self.batch_size // n_tasks + (1 if t < self.batch_size % n_tasks else 0) for t in range(n_tasks)]
+            rng.shuffle(share)
+            batch = [next(streams[t]) for t in range(n_tasks) for _ in range(max(1, share[t]))]
+            batches.append(batch)
+        return batches
+
+    def _stream(self, task: int, rng: random.Random) -> Iterator[int]:
+        local = list(range(self.sizes[task]))
+        while True:
+            rng.shuffle(local)
+            for i in local:
+                yield self.offsets[task] + i

@@ -1,0 +1,121 @@
+"""SPR penalty from Gram matrices equals the naive pairwise sum (SPEC.md §5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import thanora
+from conftest import random_batch, tiny_llama
+from thanora.allocation import COOP
+from thanora.layers import lora_factors
+from thanora.regularizers import spr_penalty, task_pair_mask
+
+F64 = torch.float64
+TASKS = ("a", "b", "c")
+BLOCKS = {"a": (0, 3), "b": (3, 5), "c": (5, 9), COOP: (9, 12)}
+D_OUT, D_IN, R = 20, 16, 12
+
+
+def naive(A: torch.Tensor, B: torch.Tensor, blocks, tasks) -> torch.Tensor:
+    """Σ_{t1<t2} ‖B_t1ᵀ B_t2‖_F² + ‖A_t1 A_t2ᵀ‖_F², one pair at a time."""
+    total = torch.zeros((), dtype=A.dtype)
+    for i, t1 in enumerate(tasks):
+        for t2 in tasks[i + 1:]:
+            (a, b), (c, d) = blocks[t1], blocks[t2]
+            total = total + (B[:, a:b].T @ B[:, c:d]).square().sum() + (A[a:b] @ A[c:d].T).square().sum()
+    return total
+
+
+def factors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(R, D_IN, generator=g, dtype=F64), torch.randn(D_OUT, R, generator=g, dtype=F64)
+
+
+def test_mask_marks_upper_cross_task_blocks() -> None:
+    mask = task_pair_mask(BLOCKS, TASKS)
+    assert mask.shape == (9, 9) and mask.dtype == torch.bool
+    assert int(mask.sum()) == 3 * 2 + 3 * 4 + 2 * 4
+    assert mask[0, 3] and mask[2, 8] and mask[4, 5]
+    assert not mask[3, 0] and not mask[0, 2] and not mask[5, 8]  # lower triangle and within-task entries
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_penalty_equals_naive_double_loop(seed: int) -> None:
+    A, B = factors(seed)
+    got = spr_penalty(A, B, task_pair_mask(BLOCKS, TASKS))
+    want = naive(A, B, BLOCKS, TASKS)
+    assert got.dtype == F64
+    assert float(want) > 1.0
+    assert float(abs(got - want) / want) < 1e-10
+
+
+def test_zero_for_orthogonal_task_blocks() -> None:
+    g = torch.Generator().manual_seed(3)
+    Q_A, _ = torch.linalg.qr(torch.randn(D_IN, 9, generator=g, dtype=F64))  # (d_in, 9) orthonormal columns
+    Q_B, _ = torch.linalg.qr(torch.randn(D_OUT, 9, generator=g, dtype=F64))
+    A, B = factors(4)
+    for task in TASKS:  # each task's block lives in its own orthogonal subspace, with arbitrary mixing inside
+        a, b = BLOCKS[task]
+        mix = torch.randn(b - a, b - a, generator=g, dtype=F64)
+        A[a:b] = mix @ Q_A[:, a:b].T
+        B[:, a:b] = Q_B[:, a:b] @ mix.T
+    mask = task_pair_mask(BLOCKS, TASKS)
+    assert float(spr_penalty(A, B, mask)) < 1e-24
+    assert float(naive(A, B, BLOCKS, TASKS)) < 1e-24
+    B[:, 3] += 0.1 * B[:, 0]  # task b's block now overlaps task a's
+    assert float(spr_penalty(A, B, mask)) > 1e-4
+
+
+def test_ignores_the_coop_block() -> None:
+    A, B = factors(5)
+    mask = task_pair_mask(BLOCKS, TASKS)
+    before = spr_penalty(A, B, mask)
+    A2, B2 = A.clone(), B.clone()
+    A2[9:], B2[:, 9:] = 10 * A[:3], 10 * B[:, :3]  # the coop block now fully overlaps task a's
+    assert float(spr_penalty(A2, B2, mask)) == float(before)
+
+
+def test_single_task_is_zero() -> None:
+    A, B = factors(6)
+    blocks = {"only": (0, 8), COOP: (8, 12)}
+    assert float(spr_penalty(A, B, task_pair_mask(blocks, ("only",)))) == 0.0
+
+
+def test_gradients_are_finite_and_match_naive() -> None:
+    A, B = factors(7)
+    A1, B1 = A.clone().requires_grad_(), B.clone().requires_grad_()
+    A2, B2 = A.clone().requires_grad_(), B.clone().requires_grad_()
+    spr_penalty(A1, B1, task_pair_mask(BLOCKS, TASKS)).backward()
+    naive(A2, B2, BLOCKS, TASKS).backward()
+    for got, want in ((A1.grad, A2.grad), (B1.grad, B2.grad)):
+        assert got is not None and torch.isfinite(got).all()
+        assert float(got.abs().max()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert float(A1.grad[9:].abs().max()) == 0.0 and float(B1.grad[:, 9:].abs().max()) == 0.0  # coop untouched
+
+
+def _prepared(n_tasks: int):
+    calib = {f"t{i}": [random_batch(i)] for i in range(n_tasks)}
+    return thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=8), progress=False)
+
+
+def test_spr_loss_is_the_sum_over_modules() -> None:
+    model = _prepared(3)
+    adapter = thanora.adapter_of(model)
+    loss = thanora.spr_loss(model)
+    want = sum(
+        float(naive(*(t.detach().double() for t in lora_factors(model, name)), adapter.blocks[name],
+                    adapter.plan.tasks))
+        for name in adapter.targets
+    )
+    assert want > 0
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_spr_loss_single_task_is_zero() -> None:
+    assert float(thanora.spr_loss(_prepared(1))) == 0.0
