@@ -119,3 +119,20 @@ def test_spr_loss_is_the_sum_over_modules() -> None:
 
 def test_spr_loss_single_task_is_zero() -> None:
     assert float(thanora.spr_loss(_prepared(1))) == 0.0
+
+
+def test_block_overlap_is_one_on_the_diagonal_and_zero_for_orthogonal_blocks() -> None:
+    from thanora.regularizers import block_overlap
+
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    blocks = {"a": (0, 3), "b": (3, 5), "__coop__": (5, 6)}
+    B = Q[:, :6].clone()
+    A = Q[:6].clone()
+    overlap = block_overlap(A, B, blocks, ["a", "b"])
+    assert overlap[0][0] == pytest.approx(1.0) and overlap[1][1] == pytest.approx(1.0)
+    assert overlap[0][1] == pytest.approx(0.0, abs=1e-12) and overlap[1][0] == pytest.approx(0.0, abs=1e-12)
+    B[:, 3] = B[:, 0]  # block b now shares a direction with block a
+    A[3] = A[0]
+    shared = block_overlap(A, B, blocks, ["a", "b"])
+    assert 0.0 < shared[0][1] <= 1.0 and shared[0][1] == pytest.approx(shared[1][0])

@@ -163,7 +163,8 @@ def calibration_batches(
     features = encode_examples(task.calibration, task.config, tokenizer, data, task_id=0)
     batches = []
     for start in range(0, len(features), data.calibration_batch_size):
-        chunk = [{k: v for k, v in f.items() if k != "task_id"} for f in features[start:start + data.calibration_batch_size]]
+        chunk = [{k: v for k, v in f.items() if k != "task_id"}
+                 for f in features[start:start + data.calibration_batch_size]]
         batch = collate(chunk, tokenizer.pad_token_id)
         batches.append({k: v.to(device) for k, v in batch.items() if k != "labels"})
     return batches
@@ -214,7 +215,7 @@ class MixtureSampler:
         streams = [self._stream(t, rng) for t in range(len(self.sizes))]
         total = sum(self.sizes)
         if self.data.stratified:
-            return self._stratified(streams, rng, total)
+            return self._stratified(streams, rng)
         if self.data.sampling == "proportional":
             order = list(range(total))
             rng.shuffle(order)
@@ -223,7 +224,7 @@ class MixtureSampler:
             order = [next(streams[t]) for t in tasks]
         return [order[i:i + self.batch_size] for i in range(0, total, self.batch_size)]
 
-    def _stratified(self, streams: list[Iterator[int]], rng: random.Random, total: int) -> list[list[int]]:
+    def _stratified(self, streams: list[Iterator[int]], rng: random.Random) -> list[list[int]]:
         n_tasks = len(self.sizes)
         batches = []
         for _ in range(len(self)):

@@ -47,9 +47,11 @@ def spr_penalty(lora_A: torch.Tensor, lora_B: torch.Tensor, mask: torch.Tensor) 
 
 def block_overlap(lora_A: torch.Tensor, lora_B: torch.Tensor, blocks: Mapping[str, tuple[int, int]],
                   tasks: Sequence[str]) -> list[list[float]]:
-    """T×T normalised overlap of the task blocks: mean of ‖B_iᵀB_j‖_F/(‖B_i‖_F‖B_j‖_F) and the same for A.
+    """T×T subspace overlap of the task blocks, mean of the B (column) and A (row) subspaces.
 
-    1 on the diagonal, 0 for orthogonal blocks; what SPR drives down. Used for the before/after-training figure.
+    For orthonormal bases Q_i, Q_j of two blocks' subspaces the overlap is ‖Q_iᵀQ_j‖_F² / min(r_i, r_j): the mean
+    squared cosine of the principal angles, 1 on the diagonal and 0 for orthogonal blocks (what SPR drives to).
+    Used for the before/after-training figure.
 
     Args:
         lora_A: (R, d_in).
@@ -57,14 +59,22 @@ def block_overlap(lora_A: torch.Tensor, lora_B: torch.Tensor, blocks: Mapping[st
         blocks: the module's block table.
         tasks: task order.
     """
-    A, B = lora_A.detach().float(), lora_B.detach().float()
+    A, B = lora_A.detach().double(), lora_B.detach().double()
+    bases = {t: (_basis(B[:, a:b]), _basis(A[a:b].T)) for t, (a, b) in blocks.items() if t in tasks}
     out = [[0.0] * len(tasks) for _ in tasks]
     for i, ti in enumerate(tasks):
         for j, tj in enumerate(tasks):
-            (a, b), (c, d) = blocks[ti], blocks[tj]
-            scores = []
-            for x, y in ((B[:, a:b], B[:, c:d]), (A[a:b].T, A[c:d].T)):
-                denom = torch.linalg.norm(x) * torch.linalg.norm(y)
-                scores.append(float(torch.linalg.norm(x.T @ y) / denom) if denom > 0 else 0.0)
-            out[i][j] = sum(scores) / 2
+            scores = [
+                float((qi.T @ qj).square().sum() / min(qi.shape[1], qj.shape[1]))
+                for qi, qj in zip(bases[ti], bases[tj], strict=True)
+                if qi.shape[1] and qj.shape[1]
+            ]
+            out[i][j] = sum(scores) / len(scores) if scores else 0.0
     return out
+
+
+def _basis(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the column space of M (d, r), k = numerical rank."""
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    keep = S.max() * 1e-10 < S if S.numel() else S.bool()
+    return U[:, keep]

@@ -1,0 +1,177 @@
+"""`thanora` console script: a thin argparse layer over `pipeline`; no logic of its own.
+
+Every user error (bad config key, unknown task/method, missing asset, occupied output dir, NaN loss) is printed as
+one line naming the problem and the fix, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``thanora`` command."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; config overrides look like --a.b=value")
+    try:
+        return int(args.func(args, [e[2:] for e in extra]) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; completed stages are saved, re-run with --resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_user_error(err: Exception) -> bool:
+    from thanora.assets import AssetMissingError
+    from thanora.pipeline import RunDirError
+    from thanora.train import NonFiniteLossError
+
+    return isinstance(err, ValueError | FileNotFoundError | AssetMissingError | RunDirError | NonFiniteLossError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser = argparse.ArgumentParser(prog="thanora", description="Multi-task, mergeable LoRA fine-tuning (ThanoRA).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kwargs)  # type: ignore[arg-type]
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text + " Overrides: --a.b=value")
+        p.add_argument("config", type=Path, help="YAML run config (see configs/)")
+        p.add_argument("--output-dir", type=Path, required=True, help="run directory")
+        return p
+
+    p = with_config("run", "Run everything: data, base metrics, every method, plots, report.")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)
+
+    p = with_config("collect", "Calibration statistics and task-aware spectra of every task (cached on disk).")
+    p.set_defaults(func=_collect)
+    p = with_config("plan", "Rank plan from the cached spectra (no forward pass): rank_plan.json + summary.")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("eval", help="Evaluate the base model, or an exported adapter, on a config's tasks.")
+    p.add_argument("config", type=Path)
+    p.add_argument("--adapter", type=Path, help="PEFT adapter folder (from a run's <method>/adapter)")
+    p.add_argument("--output", type=Path, help="write the metrics JSON here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("merge", help="Merge an exported adapter into the original base; save a transformers folder.")
+    p.add_argument("config", type=Path)
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("plot", help="Re-render the figures and report.md of a run directory.")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("assets", help="Install-check and convert the offline model and data (idempotent).")
+    p.set_defaults(func=_assets)
+    p = sub.add_parser("methods", help="List the available methods.")
+    p.set_defaults(func=_methods)
+    return parser
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.config import load_config
+    from thanora.pipeline import run
+
+    cfg = load_config(args.config, overrides)
+    run(cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    print(f"run complete: {args.output_dir}/report.md")
+    return 0
+
+
+def _collect(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.config import load_config
+    from thanora.stages import collect
+
+    paths = collect(load_config(args.config, overrides), args.output_dir)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.config import load_config
+    from thanora.stages import plan
+
+    print(plan(load_config(args.config, overrides), args.output_dir).summary())
+    return 0
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.artifacts import write_json
+    from thanora.config import load_config
+    from thanora.report import console_table
+    from thanora.stages import evaluate_adapter
+
+    metrics = evaluate_adapter(load_config(args.config, overrides), args.adapter)
+    label = "adapter" if args.adapter else "base"
+    print(console_table({label: metrics}))
+    if args.output:
+        write_json(args.output, {label: metrics})
+    return 0
+
+
+def _merge(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.config import load_config
+    from thanora.stages import merge_adapter
+
+    print(merge_adapter(load_config(args.config, overrides), args.adapter, args.output_dir))
+    return 0
+
+
+def _plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.plots import plot_run
+    from thanora.report import write_report
+
+    plot_run(args.run_dir)
+    write_report(args.run_dir)
+    print(f"{args.run_dir}/plots, {args.run_dir}/report.md")
+    return 0
+
+
+def _assets(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.assets import ensure_assets
+
+    for name, path in ensure_assets().items():
+        print(f"{name:<24} {path}")
+    return 0
+
+
+def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.methods import METHODS
+
+    print(f"{'method':<12} {'mergeable':<10} {'task id train/test':<20} paper")
+    for name, m in METHODS.items():
+        ids = f"{'yes' if m.task_id_at_train else 'no'}/{'yes' if m.task_id_at_test else 'no'}"
+        print(f"{name:<12} {'yes' if m.mergeable else 'no':<10} {ids:<20} {m.paper}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Evaluation: option log-likelihood scoring, greedy generation, and per-task metrics (PEERS.md conventions).
+
+``loglik`` mode ranks option continuations by log-likelihood (tokenised exactly as training does, through
+:func:`thanora.formats.encode_example`); ``generate`` mode decodes greedily and applies the task metric. Examples
+with an image need a ``processor`` (``AutoProcessor``-like: ``text=``, ``images=``) that expands the image
+placeholder; its other outputs (``pixel_values``...) go to the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from thanora.formats import FORMATS, IGNORE_INDEX, LETTERS, encode_example, format_prompt, option_targets
+from thanora.metrics import GENERATIVE_METRICS, letter_from_generation
+from thanora.sources import Example
+
+# format -> (allowed metrics, allowed modes); the first of each is the default.
+_ALLOWED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ranked": (("accuracy",), ("loglik",)),
+    "letter": (("accuracy",), ("loglik", "generate")),
+    "generative": (tuple(GENERATIVE_METRICS), ("generate",)),
+}
+# lm-eval-harness's GSM8K stop sequences: a base model that keeps writing the next question is cut there.
+_STOP_SEQUENCES = ("\n\n", "Question:")
+# Prompts encoded at a time: bounds the memory of processor outputs (images) while still sorting by length.
+_CHUNK_PROMPTS = 256
+_NO_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings: ``batch_size`` sequences per forward pass ((prompt, option) pairs when scoring, prompts when
+    generating), ``max_new_tokens`` (greedy decoding), ``length_normalize`` (mean log-prob per option token)."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    length_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in (("batch_size", self.batch_size), ("max_new_tokens", self.max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvalConfig.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.length_normalize, bool):
+            raise ValueError(f"EvalConfig.length_normalize must be a bool, got {self.length_normalize!r}")
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One task to evaluate (independent of :mod:`thanora.data`): ``name`` (results key), ``examples``,
+    ``answer_format`` (``ranked`` | ``letter`` | ``generative``), ``metric`` (``accuracy`` for ranked/letter;
+    ``exact_match``, ``relaxed_accuracy`` or ``anls`` for generative), ``chat_template`` (wrap prompts as in
+    training) and ``mode`` (``loglik`` for ranked/letter, ``generate`` for letter/generative). A ``metric`` or
+    ``mode`` left ``None`` takes the format's default (listed first), resolved at construction."""
+
+    name: str
+    examples: Sequence[Example]
+    answer_format: str
+    metric: str | None = None
+    chat_template: bool = False
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in _ALLOWED:
+            raise ValueError(f"task {self.name!r}: unknown answer format {self.answer_format!r}; expected {FORMATS}")
+        if not self.examples:
+            raise ValueError(f"task {self.name!r} has no examples")
+        metrics, modes = _ALLOWED[self.answer_format]
+        object.__setattr__(self, "metric", self.metric or metrics[0])
+        object.__setattr__(self, "mode", self.mode or modes[0])
+        if self.metric not in metrics or self.mode not in modes:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} / mode {self.mode!r} do not fit format "
+                             f"{self.answer_format!r} (metrics {metrics}, modes {modes})")
+
+
+class TaskMetrics(TypedDict):
+    """Result of one task: ``correct`` holds the per-question score (0/1, or the ANLS value) in example order."""
+
+    metric: str
+    mode: str
+    score: float
+    n: int
+    correct: list[float]
+
+
+@dataclass
+class _Row:
+    """One sequence to run: token ids, the option continuations read off it, and per-sample processor outputs."""
+
+    ids: list[int]
+    queries: list[tuple[int, int, list[int]]]  # (output slot, position of the first target token, target ids)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values (1, 3, H, W)
+
+
+class _ImagePromptTokenizer:
+    """Tokenizer view for ``encode_example``: the prompt (with its image) goes through the processor, which expands
+    the image token and returns pixel values (cached); anything else through the plain tokenizer."""
+
+    def __init__(self, processor: Any, tokenizer: Any, prompt: str, image: Any) -> None:
+        if processor is None:
+            raise ValueError("an example has an image: pass a processor (AutoProcessor-like) to evaluate it")
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self._processor, self._tokenizer, self._prompt, self._image = processor, tokenizer, prompt, image
+        self._cache: dict[bool, Mapping[str, Any]] = {}
+        self.extras: dict[str, Tensor] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, Any]:
+        if text != self._prompt:
+            return self._tokenizer(text, add_special_tokens=add_special_tokens)
+        if add_special_tokens not in self._cache:
+            image = self._image
+            if isinstance(image, (str, Path)):
+                with Image.open(image) as img:
+                    image = img.convert("RGB")
+            kwargs = {"add_special_tokens": add_special_tokens, "return_tensors": "pt"}
+            self._cache[add_special_tokens] = self._processor(text=[text], images=[image], **kwargs)
+        out = self._cache[add_special_tokens]
+        self.extras = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return {"input_ids": out["input_ids"][0].tolist()}
+
+
+def _context_length(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else _NO_LIMIT
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers pass kwargs on
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@contextmanager
+def _eval_mode(model: nn.Module, tokenizer: Any = None) -> Iterator[None]:
+    """Eval mode (and left padding when a tokenizer is given) for the block; the previous states are restored."""
+    was_training, side = model.training, getattr(tokenizer, "padding_side", None)
+    model.eval()
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if tokenizer is not None:
+            tokenizer.padding_side = side
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad if pad is not None else getattr(tokenizer, "eos_token_id", None) or 0)
+
+
+def _stack_extras(rows: Sequence[_Row], device: torch.device | str, model: nn.Module) -> dict[str, Tensor]:
+    """Concatenate per-sample processor outputs along dim 0 (rows without an image add nothing), floats cast to the
+    model's dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    keys = {k for row in rows for k in row.extras}
+    batch = {k: torch.cat([row.extras[k] for row in rows if k in row.extras]).to(device) for k in sorted(keys)}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _batches(n_prompts: int, encode: Callable[[int], list[_Row]], batch_size: int) -> Iterator[list[_Row]]:
+    """Encode prompts a chunk at a time, sort the chunk's rows by length (longest first) and cut it into batches."""
+    for lo in range(0, n_prompts, _CHUNK_PROMPTS):
+        rows = [row for i in range(lo, min(lo + _CHUNK_PROMPTS, n_prompts)) for row in encode(i)]
+        rows.sort(key=lambda r: len(r.ids), reverse=True)
+        yield from (rows[b : b + batch_size] for b in range(0, len(rows), batch_size))
+
+
+def _rows_for_prompt(
+    tokenizer: Any, processor: Any, prompt: str, targets: Sequence[str], image: Any, slot: int, max_length: int
+) -> list[_Row]:
+    """Encode one prompt with each option; options of one token each share a single row (one forward pass)."""
+    encoder = tokenizer if image is None else _ImagePromptTokenizer(processor, tokenizer, prompt, image)
+    rows: list[_Row] = []
+    for j, target in enumerate(targets):
+        enc = encode_example(encoder, prompt, target, max_length)
+        start = next(k for k, label in enumerate(enc["labels"]) if label != IGNORE_INDEX)
+        extras = dict(getattr(encoder, "extras", {}))
+        rows.append(_Row(enc["input_ids"], [(slot + j, start, enc["input_ids"][start:])], extras))
+    shared = rows[0].ids[: rows[0].queries[0][1]]
+    if len(rows) > 1 and all(len(r.queries[0][2]) == 1 and r.ids[: r.queries[0][1]] == shared for r in rows):
+        return [_Row(shared, [q for r in rows for q in r.queries], rows[0].extras)]
+    return rows
+
+
+def _score_rows(
+    model: nn.Module, rows: Sequence[_Row], pad_id: int, device: torch.device | str, keep_ok: bool
+) -> dict[int, tuple[float, int]]:
+    """One right-padded forward pass; returns ``{slot: (sum of target log-probs, number of target tokens)}``."""
+    width = max(len(r.ids) for r in rows)
+    input_ids = torch.tensor([r.ids + [pad_id] * (width - len(r.ids)) for r in rows], device=device)  # (B, L)
+    mask = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows], device=device)  # (B, L)
+    # The logits at position p predict token p + 1: only positions from the earliest target's start - 1 are needed.
+    first = min(start for r in rows for _, start, _ in r.queries) - 1
+    kwargs: dict[str, Any] = _stack_extras(rows, device, model)
+    if keep_ok:
+        kwargs["logits_to_keep"] = width - first
+    logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits  # (B, L', V)
+    offset = width - logits.shape[1]
+    queries = [(b, query) for b, row in enumerate(rows) for query in row.queries]
+    b_idx = [b for b, (_, _, target) in queries for _ in target]
+    pos = [start - 1 + k - offset for _, (_, start, target) in queries for k in range(len(target))]
+    tok = torch.tensor([t for _, (_, _, target) in queries for t in target], device=device)  # (T,)
+    seg = torch.tensor([q for q, (_, (_, _, target)) in enumerate(queries) for _ in target], device=device)  # (T,)
+    picked = logits[torch.tensor(b_idx, device=device), torch.tensor(pos, device=device)].float()  # (T, V)
+    token_lp = picked.log_softmax(-1).gather(-1, tok[:, None])[:, 0].double()  # (T,)
+    sums = torch.zeros(len(queries), dtype=torch.float64, device=device).index_add_(0, seg, token_lp).tolist()
+    return {slot: (sums[q], len(target)) for q, (_, (slot, _, target)) in enumerate(queries)}
+
+
+@torch.inference_mode()
+def score_options(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], options: Sequence[Sequence[str]], cfg: EvalConfig,
+    device: torch.device | str, images: Sequence[Any] | None = None, processor: Any = None, progress: bool = False,
+) -> list[list[float]]:
+    """Log-likelihood of each option continuation given its prompt.
+
+    (prompt, option) pairs are encoded as :func:`~thanora.formats.encode_example` does, sorted by length (longest
+    first) and run ``cfg.batch_size`` at a time with right padding and an attention mask; options that are one
+    token each (letters) share one sequence per prompt. The model is put in eval mode and its mode restored.
+
+    Args:
+        model: Causal LM (or vision-language model) already on ``device``.
+        tokenizer: Its tokenizer.
+        prompts: N prompt texts.
+        options: For each prompt, its option continuations (e.g. from :func:`~thanora.formats.option_targets`).
+        cfg: Evaluation settings (``batch_size``, ``length_normalize``).
+        device: Device of the model.
+        images: Optional N images (paths, PIL images or ``None``); needs ``processor`` where set.
+        processor: ``AutoProcessor``-like callable for image prompts.
+        progress: Show a progress bar (unit: pairs).
+
+    Returns:
+        For each prompt, one float per option: mean log-prob per option token if ``cfg.length_normalize``, else the
+        summed log-prob (natural log).
+    """
+    if len(prompts) != len(options) or (images is not None and len(images) != len(prompts)):
+        raise ValueError("prompts, options and images must have the same length")
+    if any(not opts for opts in options):
+        raise ValueError("every prompt needs at least one option")
+    offsets = [0, *itertools.accumulate(len(opts) for opts in options)]
+    images = images if images is not None else [None] * len(prompts)
+    results: dict[int, tuple[float, int]] = {}
+    max_length, pad_id, keep_ok = _context_length(model), _pad_id(tokenizer), _accepts_logits_to_keep(model)
+
+    def encode(i: int) -> list[_Row]:
+        return _rows_for_prompt(tokenizer, processor, prompts[i], options[i], images[i], offsets[i], max_length)
+
+    bar = tqdm(total=offsets[-1], desc="score", unit="pair", disable=not progress, leave=False)
+    with _eval_mode(model):
+        for batch in _batches(len(prompts), encode, cfg.batch_size):
+            results.update(_score_rows(model, batch, pad_id, device, keep_ok))
+            bar.update(sum(len(r.queries) for r in batch))
+    bar.close()
+    scores = [s / n if cfg.length_normalize else s for s, n in (results[k] for k in range(offsets[-1]))]
+    return [scores[offsets[i] : offsets[i + 1]] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig, device: torch.device | str,
+    images: Sequence[Any] | None = None, processor: Any = None, progress: bool = False,
+) -> list[str]:
+    """Greedy answers to prompts, without the prompt.
+
+    Prompts are encoded as the prompt part of :func:`~thanora.formats.encode_example`, sorted by length and left-
+    padded in batches of ``cfg.batch_size`` (``tokenizer.padding_side`` is ``"left"`` during the call, then
+    restored). Each answer is cut at the first stop sequence (a blank line or ``"Question:"``) and stripped.
+
+    Args:
+        model, tokenizer, prompts, device, images, processor: As for :func:`score_options` (the tokenizer needs an
+            EOS token).
+        cfg: Evaluation settings (``batch_size``, ``max_new_tokens``).
+        progress: Show a progress bar (unit: prompts).
+
+    Returns:
+        N generated strings, in prompt order.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("generation needs a tokenizer with an eos_token_id")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError("prompts and images must have the same length")
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=_pad_id(tokenizer),
+                               eos_token_id=eos)
+    images = images if images is not None else [None] * len(prompts)
+    max_length = max(_context_length(model) - cfg.max_new_tokens, 1) + 1  # + 1: the EOS below
+
+    def encode(i: int) -> list[_Row]:
+        # The prompt part of encode_example (BOS, truncation...): an empty answer leaves EOS as the only target.
+        image = images[i]
+        encoder = tokenizer if image is None else _ImagePromptTokenizer(processor, tokenizer, prompts[i], image)
+        ids = encode_example(encoder, prompts[i], "", max_length, add_eos=True)["input_ids"][:-1]
+        return [_Row(ids, [(i, len(ids), [])], dict(getattr(encoder, "extras", {})))]
+
+    answers = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", unit="q", disable=not progress, leave=False)
+    with _eval_mode(model, tokenizer):
+        for batch in _batches(len(prompts), encode, cfg.batch_size):
+            inputs = tokenizer.pad({"input_ids": [r.ids for r in batch]}, return_tensors="pt").to(device)  # left
+            inputs.update(_stack_extras(batch, device, model))
+            out = cast(Any, model).generate(**inputs, generation_config=gen_cfg)  # (B, L + new)
+            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for row, text in zip(batch, texts, strict=True):
+                cut = min((k for k in (text.find(stop) for stop in _STOP_SEQUENCES) if k >= 0), default=len(text))
+                answers[row.queries[0][0]] = text[:cut].strip()
+            bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def _reference(example: Example) -> str:
+    return example.choices[int(example.answer)] if example.choices else str(example.answer)
+
+
+def evaluate_task(
+    model: nn.Module, tokenizer: Any, task: EvalTask, cfg: EvalConfig, device: torch.device | str,
+    processor: Any = None, progress: bool = False,
+) -> TaskMetrics:
+    """Evaluate one task.
+
+    ``loglik``: the option with the highest :func:`score_options` score (letters `` A``, `` B``... for ``letter``)
+    is the prediction. ``generate``: greedy decoding, then the first standalone letter (``letter``) or the task
+    metric against the reference (``generative``; for an MC example the correct option text).
+
+    Args:
+        model, tokenizer, cfg, device: As for :func:`score_options`.
+        task: The task.
+        processor: ``AutoProcessor``-like callable, required when examples have images; its ``image_token`` is the
+            placeholder put in the prompt.
+        progress: Show progress bars.
+
+    Returns:
+        The task's :class:`TaskMetrics`.
+    """
+    fmt, examples = task.answer_format, list(task.examples)
+    image_token = getattr(processor, "image_token", None)
+    prompts = [format_prompt(ex, fmt, tokenizer, task.chat_template, image_token) for ex in examples]
+    images = [ex.image for ex in examples] if any(ex.image for ex in examples) else None
+    if task.mode == "loglik":
+        options = [option_targets(ex, fmt, tokenizer, task.chat_template) for ex in examples]
+        scores = score_options(model, tokenizer, prompts, options, cfg, device, images, processor, progress)
+        best = [max(range(len(s)), key=s.__getitem__) for s in scores]  # first maximum on ties
+        correct = [float(k == ex.answer) for k, ex in zip(best, examples, strict=True)]
+    else:
+        texts = generate_answers(model, tokenizer, prompts, cfg, device, images, processor, progress)
+        if fmt == "letter":
+            letters = [letter_from_generation(t, len(ex.choices)) for t, ex in zip(texts, examples, strict=True)]
+            correct = [float(got == LETTERS[int(ex.answer)]) for got, ex in zip(letters, examples, strict=True)]
+        else:
+            metric = GENERATIVE_METRICS[str(task.metric)]
+            correct = [metric(t, _reference(ex)) for t, ex in zip(texts, examples, strict=True)]
+    score = math.fsum(correct) / len(correct)
+    return TaskMetrics(metric=str(task.metric), mode=str(task.mode), score=score, n=len(correct), correct=correct)
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Any, tasks: Sequence[EvalTask], cfg: EvalConfig, device: torch.device | str,
+    progress: bool = True, processor: Any = None,
+) -> dict[str, TaskMetrics]:
+    """Evaluate several tasks, one after the other.
+
+    Args:
+        model, tokenizer, cfg, device, processor: As for :func:`evaluate_task`.
+        tasks: Tasks with distinct names.
+        progress: Show a progress bar per task.
+
+    Returns:
+        ``{task name: TaskMetrics}`` in task order.
+    """
+    if len({task.name for task in tasks}) != len(tasks):
+        raise ValueError(f"task names must be distinct, got {[task.name for task in tasks]}")
+    results: dict[str, TaskMetrics] = {}
+    for task in tasks:
+        if progress:
+            tqdm.write(f"evaluating {task.name} ({len(task.examples)} examples, {task.mode})")
+        results[task.name] = evaluate_task(model, tokenizer, task, cfg, device, processor, progress)
+    return results
+
+
+def average(results: Mapping[str, TaskMetrics]) -> float:
+    """Unweighted mean of the ``score`` of each task in ``results`` (the output of :func:`evaluate`)."""
+    if not results:
+        raise ValueError("no task results to average")
+    return math.fsum(r["score"] for r in results.values()) / len(results)

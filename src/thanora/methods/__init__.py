@@ -1,0 +1,98 @@
+"""Fine-tuning methods as values: each is one frozen `Method` (a dataclass of functions), kept in `METHODS`.
+
+There is no base class and no registration at import: a method is added by writing ``methods/<name>.py`` with one
+`Method` value and listing it in `METHODS` below. The pipeline only ever calls the fields of a `Method`:
+``prepare`` turns the base model into the trainable one, ``regularizer`` (if any) adds its λ-weighted term to every
+micro-batch's task loss in `thanora.train.train`, ``export`` writes a stock PEFT adapter and ``save`` the method's own
+reloadable format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+Batch = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What `Method.prepare` may need besides the model and the method's settings.
+
+    Attributes:
+        tokenizer: the tokenizer (or processor) of the base model; ``None`` where not needed.
+        calibration: ``{task: list of batches}`` (``input_ids`` (B, L), ``attention_mask`` (B, L), image inputs for
+            VLMs) already on the model's device, in task order. In a multi-process run, each process holds its shard.
+        cache_dir: folder for reusable intermediate results (ThanoRA's spectra), or ``None``.
+        all_reduce: sums a tensor across processes (multi-process runs), or ``None`` for a single process.
+        progress: show progress bars.
+        seed: seed of any random initialisation the method does itself.
+        calibration_key: identifies the calibration data in ``cache_dir`` (e.g. a fingerprint of the split), so
+            cached results are never reused for other data.
+    """
+
+    tokenizer: Any = None
+    calibration: Mapping[str, Sequence[Batch]] | None = None
+    cache_dir: Path | None = None
+    all_reduce: Callable[[Tensor], Tensor] | None = None
+    progress: bool = True
+    seed: int = 0
+    calibration_key: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: its metadata and the functions the pipeline calls.
+
+    Attributes:
+        name: identifier used in configs and run folders (``"lora"``, ``"thanora"``...).
+        paper: citation.
+        config_cls: the dataclass of its settings (YAML ``methods: - name: x, <fields>``).
+        mergeable: whether the trained update can be merged into the base weights (zero inference overhead).
+        task_id_at_train: whether training batches must carry ``task_id`` for the method itself.
+        task_id_at_test: whether inference needs the task id.
+        prepare: ``(base model, settings, ctx) -> trainable model`` (only the method's parameters trainable).
+        regularizer: ``(model, settings, batch) -> λ-weighted extra loss`` (a scalar tensor), or ``None``.
+        export: ``(model, folder)`` writing a stock PEFT adapter on the original base; ``None`` = not exportable.
+        save: ``(model, folder)`` writing the method's own reloadable format (the PEFT adapter for PEFT methods).
+        describe: ``model -> {file name: JSON content}``, the method's own artifacts written into its run folder
+            before and after training (ThanoRA: ``rank_plan.json``, ``overlap.json``), or ``None``.
+    """
+
+    name: str
+    paper: str
+    config_cls: type
+    mergeable: bool
+    task_id_at_train: bool
+    task_id_at_test: bool
+    prepare: Callable[[nn.Module, Any, MethodContext], nn.Module]
+    regularizer: Callable[[nn.Module, Any, dict[str, Tensor]], Tensor] | None
+    export: Callable[[nn.Module, Path], None] | None
+    save: Callable[[nn.Module, Path], None]
+    describe: Callable[[nn.Module], dict[str, Any]] | None = None
+
+
+# Imported after `Method` exists: each method module builds its value from it.
+from thanora.methods.lora import LORA  # noqa: E402
+from thanora.methods.thanora import THANORA  # noqa: E402
+
+METHODS: dict[str, Method] = {"lora": LORA, "thanora": THANORA}
+
+
+def get_method(name: str) -> Method:
+    """The `Method` called ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Method", "MethodContext", "get_method"]

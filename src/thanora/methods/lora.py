@@ -1,0 +1,122 @@
+"""LoRA (Hu et al., 2022) through PEFT's own `LoraConfig` / `get_peft_model`: the single-adapter baseline.
+
+Same target modules as ThanoRA (every linear layer of the language model by default, resolved by
+`thanora.find_targets` to full dotted names) and the same rank budget (PEERS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from thanora.artifacts import atomic_dir
+from thanora.methods import Method, MethodContext
+from thanora.targets import find_targets
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Settings of plain LoRA.
+
+    Attributes:
+        rank: LoRA rank r of every adapted module.
+        lora_alpha: LoRA alpha; ``None`` means ``rank`` (scaling 1).
+        lora_dropout: dropout on the LoRA input during training.
+        target_modules: module names (full dotted names or suffixes such as ``"q_proj"``) inside the language model;
+            ``None`` means every linear layer of the language model (as `thanora.find_targets`).
+    """
+
+    rank: int = 64
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSettings.rank must be an integer >= 1, got {self.rank!r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"LoraSettings.lora_alpha must be positive or null, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraSettings.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules is not None:
+            names = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError("LoraSettings.target_modules must be null (all linear layers of the language model) "
+                                 "or a non-empty list of module names")
+            object.__setattr__(self, "target_modules", names)
+
+    @property
+    def alpha(self) -> float:
+        """The resolved lora_alpha."""
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (lora_alpha resolved)."""
+        out = dataclasses.asdict(self)
+        out["lora_alpha"] = self.alpha
+        if out["target_modules"] is not None:
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+
+def prepare_lora(model: nn.Module, settings: LoraSettings, ctx: MethodContext) -> PeftModel:
+    """Wrap ``model`` with PEFT LoRA layers (A Kaiming-uniform seeded by ``ctx.seed``, B zero).
+
+    Args:
+        model: a transformers model, modified in place (as `get_peft_model` does).
+        settings: rank, alpha, dropout, targets.
+        ctx: only ``ctx.seed`` is used; the global RNG state is left as it was.
+
+    Returns:
+        The `PeftModel`, only the LoRA factors trainable, in the caller's train/eval mode.
+    """
+    targets = find_targets(model, settings.target_modules)
+    too_small = [n for n, t in targets.items() if settings.rank > min(t.d_in, t.d_out)]
+    if too_small:
+        raise ValueError(f"LoraSettings.rank={settings.rank} exceeds min(d_in, d_out) of module {too_small[0]!r}; "
+                         "lower rank or exclude it with target_modules")
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
+        bias="none",
+        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+    )
+    was_training = model.training
+    devices = [torch.device(d) for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(ctx.seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.train(was_training)
+    return peft_model
+
+
+def save_lora(model: nn.Module, out_dir: Path) -> None:
+    """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), replacing ``out_dir``."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if not isinstance(inner, PeftModel):
+        raise TypeError(f"expected a PeftModel from LORA.prepare, got {type(inner).__name__}")
+    with atomic_dir(out_dir) as tmp:
+        inner.save_pretrained(str(tmp))
+
+
+LORA = Method(
+    name="lora",
+    paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv:2106.09685)",
+    config_cls=LoraSettings,
+    mergeable=True,
+    task_id_at_train=False,
+    task_id_at_test=False,
+    prepare=prepare_lora,
+    regularizer=None,
+    export=save_lora,
+    save=save_lora,
+)

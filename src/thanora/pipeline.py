@@ -1,0 +1,243 @@
+"""The whole flow of `thanora run`, as stage calls that write artifacts. The first file a newcomer reads.
+
+Run directory layout::
+
+    DIR/config.yaml        resolved config          DIR/data.json      split sizes, seeds, fingerprints
+    DIR/metrics.json       base + every method      DIR/report.md      tables + plots
+    DIR/run.json           versions, seed, timings, status ("running" until the run is complete)
+    DIR/plots/*.png        figures
+    DIR/<method>/          rank_plan.json (ThanoRA), checkpoints/, history.json, metrics.json, adapter/, merged/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from thanora.artifacts import read_json, write_json
+from thanora.config import MethodSpec, RunConfig
+from thanora.data import MixtureSampler, TaskData, build_task, calibration_batches, encode_examples
+from thanora.evaluate import EvalTask, average, evaluate
+from thanora.formats import collate
+from thanora.merge import save_merged
+from thanora.methods import Method, MethodContext, get_method
+from thanora.plots import plot_run
+from thanora.train import make_accelerator, train
+
+logger = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run (or an incomplete one) and neither overwrite nor resume was asked."""
+
+
+@dataclass
+class RunState:
+    """What `run` carries between stages."""
+
+    cfg: RunConfig
+    out: Path
+    tasks: list[TaskData]
+    device: torch.device
+    timings: dict[str, float]
+
+
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a directory that holds another run unless ``overwrite`` or ``resume``."""
+    if overwrite and resume:
+        raise RunDirError("--overwrite and --resume exclude each other")
+    if resume and not (out / "run.json").is_file():
+        raise RunDirError(f"--resume: {out} holds no run to resume (no run.json); drop --resume")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise RunDirError(f"{out} already holds files; pass --overwrite to replace them or --resume to continue")
+    if overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+
+
+def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    """Everything: data → base metrics → per method (prepare, train, evaluate, export) → plots → report."""
+    from thanora.report import console_table, write_report
+
+    out = Path(out)
+    check_output_dir(out, overwrite, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(cfg, out, [], resolve_device(cfg.model.device), {})
+    cfg.save(out / "config.yaml")
+    write_json(out / "run.json", run_record(cfg, "running", state.timings))
+    state.tasks = stage("data", state, lambda: load_tasks(cfg, out))
+    tokenizer = load_tokenizer(cfg)
+    metrics: dict[str, Any] = read_json(out / "metrics.json") if resume and (out / "metrics.json").is_file() else {}
+    if cfg.output.evaluate_base and "base" not in metrics:
+        model = load_model(cfg, state.device)
+        metrics["base"] = stage("eval_base", state, lambda: evaluate_model(model, tokenizer, state, progress))
+        write_json(out / "metrics.json", metrics)
+        del model
+    for spec in cfg.methods:
+        if spec.name in metrics:
+            logger.info("method %s already complete, skipping (resume)", spec.name)
+            continue
+        metrics[spec.name] = stage(spec.name, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
+        write_json(out / "metrics.json", metrics)
+    if cfg.output.plots:
+        stage("plots", state, lambda: plot_run(out))
+    write_json(out / "run.json", run_record(cfg, "complete", state.timings))
+    write_report(out)
+    print(console_table(metrics))
+    return metrics
+
+
+def stage(name: str, state: RunState, fn: Callable[[], Any]) -> Any:
+    """Run one stage, log it and record its wall time in ``run.json``."""
+    logger.info("stage %s ...", name)
+    start = time.perf_counter()
+    result = fn()
+    state.timings[name] = round(time.perf_counter() - start, 2)
+    write_json(state.out / "run.json", run_record(state.cfg, "running", state.timings))
+    logger.info("stage %s done in %.1f s", name, state.timings[name])
+    return result
+
+
+def load_tasks(cfg: RunConfig, out: Path) -> list[TaskData]:
+    """Build every task's splits and record them in ``data.json``."""
+    tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
+    write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
+    return tasks
+
+
+def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, progress: bool) -> dict:
+    """Prepare, train, evaluate and export one method on a fresh copy of the base model.
+
+    Under ``accelerate launch`` / ``torchrun`` each process takes its shard of the calibration batches (statistics
+    are summed across processes, so they equal a single-process run) and of every training batch list.
+    """
+    cfg, method, settings = state.cfg, get_method(spec.name), spec.build()
+    out = state.out / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg.train, cpu=state.device.type == "cpu")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model = load_model(cfg, state.device)
+    calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device)[rank::world] for t in state.tasks}
+    ctx = MethodContext(
+        tokenizer=tokenizer,
+        calibration=calibration,
+        cache_dir=state.out / "cache",
+        all_reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
+        progress=progress,
+        seed=cfg.seed,
+        calibration_key=json.dumps([t.fingerprint for t in state.tasks], sort_keys=True),
+    )
+    model = method.prepare(model, settings, ctx)
+    write_description(method, model, out)
+    loader_factory = train_loader(state, tokenizer, rank, world)
+    result = train(model, method, settings, loader_factory, cfg.train, accelerator, out_dir=out, resume=resume,
+                   progress=progress)
+    write_json(out / "history.json", result.history)
+    write_description(method, model, out)
+    metrics = evaluate_model(model, tokenizer, state, progress)
+    write_json(out / "metrics.json", metrics)
+    if cfg.output.adapter and method.export is not None:
+        method.export(model, out / "adapter")
+    if cfg.output.merged and method.mergeable:
+        save_merged(model, out / "merged", tokenizer)
+    return metrics
+
+
+def write_description(method: Method, model: nn.Module, out: Path) -> None:
+    """The method's own JSON artifacts (ThanoRA: rank_plan.json, overlap.json), before and after training."""
+    if method.describe is not None:
+        for name, content in method.describe(model).items():
+            write_json(out / name, content)
+
+
+def train_loader(state: RunState, tokenizer: Any, rank: int = 0, world: int = 1) -> Callable[[int], list[dict]]:
+    """A loader factory ``epoch -> batches`` over the task mixture (this process's share of every batch)."""
+    cfg = state.cfg
+    features = [
+        f
+        for task_id, task in enumerate(state.tasks)
+        for f in encode_examples(task.train, task.config, tokenizer, cfg.data, task_id)
+    ]
+    sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, cfg.data, cfg.seed)
+
+    def factory(epoch: int) -> list[dict[str, torch.Tensor]]:
+        return [collate([features[i] for i in batch[rank::world]], tokenizer.pad_token_id)
+                for batch in sampler.batches(epoch)]
+
+    return factory
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, state: RunState, progress: bool) -> dict:
+    """Per-task metrics and their unweighted average."""
+    tasks = [
+        EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric, state.cfg.data.chat_template)
+        for t in state.tasks
+    ]
+    results = evaluate(model, tokenizer, tasks, state.cfg.eval, state.device, progress=progress)
+    return {**results, "average": average(results)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The base model's tokenizer, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path(cfg)))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """A fresh copy of the base model on ``device`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_path(cfg)), dtype=dtype)
+    return model.to(device).eval()
+
+
+def model_path(cfg: RunConfig) -> str | Path:
+    """``smollm2`` → the converted offline asset folder; anything else as given."""
+    if cfg.model.name_or_path == "smollm2":
+        from thanora.assets import smollm2_dir
+
+        return smollm2_dir()
+    return cfg.model.name_or_path
+
+
+def run_record(cfg: RunConfig, status: str, timings: dict[str, float]) -> dict[str, Any]:
+    """``run.json``: status, seed, versions, machine, timings."""
+    import peft
+    import transformers
+
+    import thanora
+
+    return {
+        "status": status,
+        "seed": cfg.seed,
+        "data_seed": cfg.data.seed,
+        "versions": {"thanora": thanora.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "timings_s": timings,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,79 @@
+"""Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `merge`), each reading and writing run artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from thanora.allocation import RankPlan
+from thanora.config import ConfigError, RunConfig
+from thanora.data import build_task, calibration_batches
+from thanora.hasi_config import ThanoraConfig
+from thanora.pipeline import RunState, evaluate_model, load_model, load_tokenizer, resolve_device
+from thanora.prepare import plan_ranks, task_spectra
+from thanora.targets import find_targets
+
+
+def _thanora_settings(cfg: RunConfig) -> ThanoraConfig:
+    for spec in cfg.methods:
+        settings = spec.build()
+        if isinstance(settings, ThanoraConfig):
+            return settings
+    raise ConfigError("collect/plan need a `thanora` entry under methods")
+
+
+def collect(cfg: RunConfig, out: Path) -> list[Path]:
+    """Calibration statistics → task-aware spectra of every task, cached under ``out/cache`` (SPEC.md §1-2)."""
+    settings = _thanora_settings(cfg)
+    device = resolve_device(cfg.model.device)
+    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    targets = find_targets(model, settings.target_modules)
+    cache = Path(out) / "cache"
+    for task_cfg in cfg.tasks:
+        task = build_task(task_cfg, cfg.data.seed)
+        task_spectra(model, targets, task.name, calibration_batches(task, tokenizer, cfg.data, device), settings,
+                     cache_dir=cache)
+    return sorted(cache.glob("spectra-*.safetensors"))
+
+
+def plan(cfg: RunConfig, out: Path) -> RankPlan:
+    """The rank plan from the cached spectra (no forward pass when `collect` ran with the same settings)."""
+    settings = _thanora_settings(cfg)
+    device = resolve_device(cfg.model.device)
+    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    targets = find_targets(model, settings.target_modules)
+    spectra = {}
+    for task_cfg in cfg.tasks:
+        task = build_task(task_cfg, cfg.data.seed)
+        spectra[task.name] = task_spectra(model, targets, task.name,
+                                          calibration_batches(task, tokenizer, cfg.data, device), settings,
+                                          cache_dir=Path(out) / "cache")
+    rank_plan = plan_ranks(spectra, settings)
+    rank_plan.save(Path(out) / "rank_plan.json")
+    return rank_plan
+
+
+def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
+    """Metrics of the base model, or of the base model with a stock PEFT adapter loaded, on the config's tasks."""
+    from peft import PeftModel
+
+    device = resolve_device(cfg.model.device)
+    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    state = RunState(cfg, Path("."), [build_task(t, cfg.data.seed) for t in cfg.tasks], device, {})
+    return evaluate_model(model, tokenizer, state, progress=True)
+
+
+def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
+    """Merge an exported (converted) adapter into the original base model and save a transformers folder."""
+    from peft import PeftModel
+
+    from thanora.artifacts import atomic_dir
+
+    model = PeftModel.from_pretrained(load_model(cfg, resolve_device("cpu")), str(adapter))
+    merged = model.merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(str(tmp))
+        load_tokenizer(cfg).save_pretrained(str(tmp))
+    return Path(out)

@@ -1,0 +1,399 @@
+"""The only training loop: task loss + the method's regulariser, accumulation, clipping, schedule, exact resume.
+
+One `train` for every method (DESIGN.md): no per-method branch, only ``method.regularizer``. One process, or DDP under
+``accelerate launch`` / ``torchrun`` (gloo on CPU). Checkpoints hold the trainable parameters (``prepare`` rebuilds the
+frozen base), optimizer, scheduler and each process's RNG; the data order depends on the epoch only, so a resumed run
+skips the consumed batches and repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import gather_object, send_to_device, set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from thanora.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json, write_text
+from thanora.methods import Method
+
+logger = logging.getLogger(__name__)
+
+LoaderFactory = Callable[[int], Iterable[dict[str, Tensor]]]  # epoch -> CPU batches (must support len())
+EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]  # (model, optimizer step) -> metrics
+
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+_RUN_ONLY = ("log_every", "eval_every", "save_every")  # may change on resume: not part of the trajectory
+KEEP_CHECKPOINTS = 2
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+HISTORY = "history.json"
+_FORMAT = "thanora-checkpoint/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or, without a loss scaler, the gradient norm) became NaN/Inf; nothing was updated or saved."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step = step
+        super().__init__(f"non-finite {what} at optimizer step {step}; training stopped before the update, and the "
+                         "last good checkpoint is kept (check the data, lower lr, or use bf16 instead of fp16)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not belong to this run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the training loop (SPEC.md §6 defaults).
+
+    Attributes:
+        epochs: passes over the data (ignored when ``max_steps`` is set).
+        max_steps: optimizer steps in total; ``None`` means ``epochs`` full epochs.
+        batch_size: per-process micro-batch size (used by whoever builds the loader factory).
+        grad_accum: micro-batches per optimizer step; global batch = batch_size · grad_accum · processes.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm; 0 disables clipping (the norm is still logged).
+        schedule: ``cosine`` | ``linear`` | ``constant`` (all after a linear warm-up).
+        warmup_ratio: fraction of the optimizer steps spent warming up.
+        mixed_precision: ``no`` | ``bf16`` | ``fp16``; ``auto`` = bf16 on CUDA with bf16 support, else no.
+        seed: seed of torch, random and numpy (offset by the process index) and of the data order.
+        log_every: append to the history every this many optimizer steps (and at the last one).
+        eval_every: call ``eval_fn`` every this many optimizer steps; 0 = never.
+        save_every: checkpoint every this many optimizer steps; 0 = only at the end.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 8
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("seed", 0),
+                            ("eval_every", 0), ("save_every", 0)):
+            _require(_int_at_least(getattr(self, name), least), name, f"must be an integer >= {least}")
+        _require(self.max_steps is None or _int_at_least(self.max_steps, 1), "max_steps",
+                 "must be null (use epochs) or an integer >= 1")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _require(self.schedule in _SCHEDULERS, "schedule", f"must be one of {sorted(_SCHEDULERS)}")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _require(self.mixed_precision in ("no", "bf16", "fp16", "auto"), "mixed_precision", "must be no|bf16|fp16|auto")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys raise a `ValueError` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `train`.
+
+    Attributes:
+        history: per logged step ``{"step", "epoch", "loss", "reg", "lr", "grad_norm"}``: task loss and λ-weighted
+            regulariser averaged over micro-batches and processes; ``"eval"`` holds the ``eval_fn`` metrics.
+        steps: optimizer steps done in total (including those before a resume).
+        resumed_from: the step of the checkpoint resumed from, or ``None``.
+        checkpoint: the last checkpoint folder written or loaded, or ``None``.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """``auto`` → ``bf16`` on CUDA with bf16 support, else ``no``; other values unchanged."""
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return ("bf16" if bf16 else "no") if value == "auto" else value
+
+
+def make_accelerator(cfg: TrainConfig, cpu: bool = False) -> Accelerator:
+    """An `Accelerator` matching ``cfg`` (mixed precision resolved; accumulation is done by `train` itself)."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision), cpu=cpu)
+
+
+def make_loader_factory(dataset: Sequence[Any], batch_size: int, collate_fn: Callable[[list[Any]], dict[str, Tensor]],
+                        seed: int, *, num_processes: int = 1, process_index: int = 0, shuffle: bool = True,
+                        drop_last: bool = False) -> LoaderFactory:
+    """A seeded ``epoch -> DataLoader`` whose order depends only on (seed, epoch, process), never on global RNG.
+
+    ``dataset`` is indexable (e.g. a list of features), ``collate_fn`` pads a list of them (`thanora.formats.collate`);
+    process ``process_index`` of ``num_processes`` gets every num_processes-th example of one shared permutation.
+    """
+
+    def factory(epoch: int) -> DataLoader:
+        sampler = DistributedSampler(dataset, num_replicas=num_processes, rank=process_index,  # type: ignore[arg-type]
+                                     shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,  # type: ignore
+                          drop_last=drop_last, generator=torch.Generator().manual_seed(seed + epoch))
+
+    return factory
+
+
+def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: LoaderFactory, cfg: TrainConfig,
+          accelerator: Accelerator | None = None, out_dir: str | Path | None = None, resume: bool = False,
+          eval_fn: EvalFn | None = None, *, progress: bool = True) -> TrainResult:
+    """Train ``model``'s trainable parameters in place: AdamW on task loss + ``method.regularizer`` per micro-batch.
+
+    Args:
+        model: the model returned by ``method.prepare`` (only the method's parameters require grad).
+        method: supplies the regulariser (``None`` = task loss only); its name is recorded in checkpoints.
+        method_cfg: the method's settings, passed to the regulariser.
+        loader_factory: ``epoch -> sized iterable of CPU batches`` (``input_ids``, ``attention_mask``, ``labels``,
+            ``task_id``...) whose order depends only on the epoch (`make_loader_factory`).
+        cfg: the loop's settings.
+        accelerator: with ``cfg``'s mixed precision, no accumulation (default `make_accelerator`); freed at the end.
+        out_dir: where ``checkpoints/step-<N>/`` and ``history.json`` go; ``None`` saves nothing.
+        resume: continue exactly from ``out_dir/checkpoints/latest`` if there is one; else old checkpoints go.
+        eval_fn: ``(unwrapped model, step) -> metrics`` on every process every ``cfg.eval_every`` steps (eval mode,
+            ``torch.no_grad``).
+        progress: show a tqdm bar (main process only).
+
+    Returns:
+        The `TrainResult`; ``model`` holds the trained weights, unwrapped, in the caller's train/eval mode.
+
+    Raises:
+        NonFiniteLossError: NaN/Inf loss; the parameters and the checkpoints are those of the last good step.
+        CheckpointError: ``resume`` found a missing, corrupt or mismatched checkpoint (the message names it).
+    """
+    accelerator = accelerator or make_accelerator(cfg)
+    _check_accelerator(accelerator, cfg)
+    set_seed(cfg.seed, device_specific=True)
+    n_batches = len(loader_factory(0))  # type: ignore[arg-type]
+    if n_batches < cfg.grad_accum:
+        raise ValueError(f"an epoch has {n_batches} micro-batches < TrainConfig.grad_accum={cfg.grad_accum}")
+    steps_per_epoch = n_batches // cfg.grad_accum  # an incomplete last accumulation group is not used
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter; prepare it with the method first")
+    params = list(trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    scheduler = get_scheduler(_SCHEDULERS[cfg.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(wrapped)
+    meta = {"format": _FORMAT, "method": method.name, "config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
+            "num_processes": accelerator.num_processes, "trainable": {n: list(p.shape) for n, p in trainable.items()}}
+    root = Path(out_dir) / CHECKPOINTS if out_dir is not None else None
+    result = TrainResult()
+    rng: dict[str, Any] | None = None
+    if resume and root is not None and (root / LATEST).is_file():
+        result.checkpoint, result.steps, result.history, rng = _load_checkpoint(
+            root, meta, trainable, optimizer, scheduler, accelerator.process_index)
+        result.resumed_from = result.steps
+        logger.info("resuming %s from %s (step %d of %d)", method.name, result.checkpoint, result.steps, total)
+    elif root is not None and root.exists() and accelerator.is_main_process:
+        logger.warning("removing old checkpoints in %s (resume=%s)", root, resume)
+        shutil.rmtree(root)
+    accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total, initial=result.steps, desc=f"train [{method.name}]", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_local_main_process))
+    batches: Iterator[dict[str, Tensor]] | None = None
+    was_training = model.training
+    wrapped.train()
+    try:
+        while result.steps < total:
+            step = result.steps + 1
+            epoch, position = divmod(result.steps, steps_per_epoch)
+            if batches is None or position == 0:
+                batches, rng = _epoch_batches(loader_factory, epoch, position * cfg.grad_accum, rng), None
+            sums = torch.zeros(2, device=accelerator.device)  # (task loss, λ·regulariser) summed over micro-batches
+            for micro in range(cfg.grad_accum):
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"epoch {epoch} ran out of batches at step {step}: fewer than len(loader)")
+                batch = send_to_device(batch, accelerator.device)
+                inputs = {k: v for k, v in batch.items() if k != "task_id"}
+                with nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped):
+                    loss = wrapped(**inputs).loss
+                    if loss is None:
+                        raise ValueError("the model returned no loss: batches must contain 'labels'")
+                    reg = method.regularizer(unwrapped, method_cfg, batch) if method.regularizer else loss.new_zeros(())
+                    # λ·regulariser once per micro-batch, before the 1/grad_accum scaling: λ means the same at any.
+                    accelerator.backward((loss + reg) / cfg.grad_accum)
+                sums += torch.stack([loss.detach().float(), reg.detach().float()])
+            loss_value, reg_value = (float(v) for v in accelerator.reduce(sums / cfg.grad_accum, "mean"))
+            if not math.isfinite(loss_value + reg_value):
+                raise NonFiniteLossError(step, f"loss (task {loss_value}, regulariser {reg_value})")
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm) and accelerator.scaler is None:
+                raise NonFiniteLossError(step, f"gradient norm ({grad_norm})")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", reg=f"{reg_value:.3g}", lr=f"{lr:.2e}")
+            if step % cfg.log_every == 0 or step == total:
+                result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss_value,
+                                       "reg": reg_value, "lr": lr, "grad_norm": grad_norm})
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                _evaluate(wrapped, unwrapped, eval_fn, step, result.history)
+            if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+                result.checkpoint = _save_checkpoint(root, step, trainable, optimizer, scheduler, result.history,
+                                                     meta, accelerator)
+        if out_dir is not None and accelerator.is_main_process:
+            write_json(Path(out_dir) / HISTORY, result.history)
+        accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # removes the autocast forward patch
+        accelerator.free_memory()
+        model.train(was_training)
+    return result
+
+
+def _evaluate(wrapped: nn.Module, unwrapped: nn.Module, eval_fn: EvalFn, step: int, log: list[dict[str, Any]]) -> None:
+    wrapped.eval()
+    with torch.no_grad():
+        metrics = dict(eval_fn(unwrapped, step))
+    wrapped.train()
+    if not log or log[-1]["step"] != step:
+        log.append({"step": step})
+    log[-1]["eval"] = metrics
+
+
+def _epoch_batches(loader_factory: LoaderFactory, epoch: int, skip: int,
+                   rng: dict[str, Any] | None) -> Iterator[dict[str, Tensor]]:
+    """The epoch's batches after the first ``skip``; a resumed ``rng`` (saved after the last step) is restored where
+    the uninterrupted run stood then: before building a new epoch's loader, after building the current one's."""
+    if rng is not None and not skip:
+        _set_rng_state(rng)
+    loader = loader_factory(epoch)
+    if skip and isinstance(loader, DataLoader):
+        iterator = iter(skip_first_batches(loader, skip))  # skips indices, loads nothing
+    else:
+        iterator = iter(loader)
+        collections.deque(itertools.islice(iterator, skip), maxlen=0)  # consumed now, as in the uninterrupted run
+    if rng is not None and skip:
+        _set_rng_state(rng)
+    return iterator
+
+
+def _check_accelerator(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    wanted = resolve_mixed_precision(cfg.mixed_precision)
+    if str(accelerator.mixed_precision) != wanted or accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(f"the accelerator must have mixed_precision={wanted!r} (TrainConfig.mixed_precision) and "
+                         "gradient_accumulation_steps=1 (train() accumulates TrainConfig.grad_accum itself); build "
+                         "it with thanora.train.make_accelerator(cfg)")
+
+
+def _save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], optimizer: Any, scheduler: Any,
+                     history: list[dict[str, Any]], meta: dict[str, Any], accelerator: Accelerator) -> Path:
+    """Write ``root/step-<step>`` atomically, point ``root/latest`` at it, keep the last `KEEP_CHECKPOINTS`."""
+    rng_states = gather_object([_rng_state()])  # one entry per process, in process order
+    path = root / f"step-{step}"
+    if accelerator.is_main_process:
+        with atomic_dir(path) as tmp:
+            save_tensors(dict(trainable), tmp / "adapter.safetensors", {"step": step})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            write_json(tmp / "state.json", {**meta, "step": step, "history": history})
+        write_text(root / LATEST, path.name + "\n")
+        done = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
+        for old in done[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _load_checkpoint(root: Path, meta: dict[str, Any], trainable: Mapping[str, Tensor], optimizer: Any,
+                     scheduler: Any, process_index: int) -> tuple[Path, int, list[dict[str, Any]], dict[str, Any]]:
+    """Load ``root/latest`` into the parameters, optimizer and scheduler; return (path, step, history, our RNG)."""
+    pointer = root / LATEST
+    path = root / pointer.read_text(encoding="utf-8").strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} points to {path}, which does not exist; delete {root} to start over")
+    try:
+        state = read_json(path / "state.json")
+        step, history = int(state["step"]), list(state["history"])
+        tensors, _ = load_tensors(path / "adapter.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler_state = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+        rng_states = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({err}); delete it and point {pointer} "
+                              "at an older one, or start over without resume") from err
+    saved_cfg, keys = state.get("config", {}), ("format", "method", "steps_per_epoch", "num_processes", "trainable")
+    mismatched = [k for k in keys if state.get(k) != meta[k]]
+    mismatched += [f"config.{k}" for k, v in meta["config"].items() if k not in _RUN_ONLY and saved_cfg.get(k) != v]
+    if mismatched:
+        raise CheckpointError(f"checkpoint {path} does not belong to this run: {mismatched} differ "
+                              "(resume needs the same method, model, data, settings and number of processes)")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    return path, step, history, rng_states[process_index]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors and plain values (loadable with ``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _int_at_least(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{field_name} {message}")

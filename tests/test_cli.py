@@ -1,0 +1,118 @@
+"""End-to-end tests of the `thanora` CLI on a tiny model saved to disk and tiny synthetic JSONL tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from thanora.cli import main
+
+COLORS = ["red", "green", "blue", "yellow"]
+ANIMALS = ["cat", "dog", "cow", "owl"]
+NOUNS = [f"w{i}" for i in range(40)]
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    words = ["Question:", "Answer:", "color", "animal", "of", *COLORS, *ANIMALS, *NOUNS]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                        pad_token="[PAD]", unk_token="[UNK]")
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3)
+    import torch
+
+    torch.manual_seed(0)
+    folder = root / "tiny-model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _task_file(root: Path, name: str, kind: str, answers: list[str], seed: int) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for i, noun in enumerate(NOUNS):
+        answer = (i * 7 + seed) % len(answers)  # a fixed noun → answer mapping the model can learn
+        rows.append({"prompt": f"Question: {kind} of {noun}", "choices": answers, "answer": answer})
+    rng.shuffle(rows)
+    path = root / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = _tiny_model_dir(root)
+    colors = _task_file(root, "colors", "color", COLORS, 1)
+    animals = _task_file(root, "animals", "animal", ANIMALS, 2)
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "tasks": [
+            {"name": "colors", "source": f"jsonl:{colors}", "n_train": 24, "n_eval": 12, "n_calibration": 8},
+            {"name": "animals", "source": f"jsonl:{animals}", "n_train": 24, "n_eval": 12, "n_calibration": 8},
+        ],
+        "data": {"max_length": 32, "calibration_batch_size": 4},
+        "methods": [{"name": "lora", "rank": 4}, {"name": "thanora", "rank": 4, "spr_lambda": 1.0e-4}],
+        "train": {"epochs": 2, "batch_size": 8, "grad_accum": 1, "lr": 5.0e-3, "save_every": 3},
+        "eval": {"batch_size": 16},
+        "output": {"merged": True},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, path
+
+
+def test_run_writes_the_full_run_directory(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, config = setup
+    out = root / "run"
+    assert main(["run", str(config), "--output-dir", str(out), "--no-progress", "-q"]) == 0
+    for name in ("config.yaml", "data.json", "metrics.json", "report.md", "run.json",
+                 "thanora/rank_plan.json", "thanora/overlap.json", "thanora/history.json",
+                 "thanora/adapter/adapter_config.json", "thanora/adapter/thanora_adapter.json",
+                 "lora/adapter/adapter_config.json", "thanora/merged/config.json",
+                 "plots/accuracy.png", "plots/training_curves.png", "plots/thanora_rank_allocation.png",
+                 "plots/thanora_entropy.png", "plots/thanora_overlap.png"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["seed"] == 0 and "torch" in run["versions"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"base", "lora", "thanora"}
+    for method in metrics.values():
+        assert set(method) == {"colors", "animals", "average"}
+        assert 0.0 <= method["average"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "thanora" in printed and "base" in printed
+
+
+def test_occupied_output_dir_is_refused(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, config = setup
+    out = root / "occupied"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    assert main(["run", str(config), "--output-dir", str(out), "-q"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert not (out / "run.json").exists()
+
+
+def test_bad_key_and_unknown_method_exit_2(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root, config = setup
+    assert main(["run", str(config), "--output-dir", str(root / "x"), "--train.lrr=1", "-q"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert main(["run", str(config), "--output-dir", str(root / "y"), "--methods.0.name=lorra", "-q"]) == 2
+    assert "lorra" in capsys.readouterr().err
+
+
+def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "thanora" in out and "lora" in out

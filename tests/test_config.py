@@ -1,0 +1,70 @@
+"""Tests for thanora.config: YAML loading, overrides, unknown keys and value errors with their key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from thanora.config import ConfigError, config_from_dict, load_config
+from thanora.hasi_config import ThanoraConfig
+
+BASE = {
+    "model": {"name_or_path": "some/model"},
+    "tasks": [{"name": "a", "source": "csqa", "n_train": 10, "n_eval": 5, "n_calibration": 4},
+              {"name": "b", "source": "obqa"}],
+    "methods": [{"name": "lora", "rank": 8}, {"name": "thanora", "rank": 8, "spr_lambda": 0.0}],
+    "train": {"lr": "1e-4", "epochs": 1},
+}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_load_roundtrip_and_resolved_yaml(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.tasks[0].n_train == 10 and cfg.tasks[1].n_train == 500
+    assert cfg.train.lr == pytest.approx(1e-4)
+    settings = cfg.methods[1].build()
+    assert isinstance(settings, ThanoraConfig) and settings.rank == 8 and settings.spr_lambda == 0.0
+    cfg.save(tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_overrides_by_index_and_by_name(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, BASE),
+                      ["tasks.0.n_train=20", "methods.thanora.tau=0.5", "train.batch_size=4", "tasks.b.n_eval=7"])
+    assert cfg.tasks[0].n_train == 20 and cfg.tasks[1].n_eval == 7
+    assert cfg.methods[1].build().tau == 0.5 and cfg.train.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"trian": {}}, r"trian"),
+        ({"train": {"lr": 1e-4, "epochz": 1}}, r"train\.epochz"),
+        ({"tasks": [{"name": "a", "source": "csqa", "n_trian": 3}]}, r"tasks\[0\]\.n_trian"),
+        ({"methods": [{"name": "lorra"}]}, r"methods\[0\]\.name.*lora"),
+        ({"methods": [{"name": "thanora", "rnk": 4}]}, r"rnk"),
+        ({"methods": [{"name": "thanora", "tau": -1}]}, r"ThanoraConfig\.tau"),
+        ({"tasks": []}, r"at least one task"),
+        ({"tasks": [{"name": "a", "source": "csqa"}, {"name": "a", "source": "obqa"}]}, r"unique"),
+    ],
+)
+def test_bad_config_names_the_key(patch: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**BASE, **patch})
+
+
+def test_missing_file_and_bad_override(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"a\.b=value"):
+        load_config(_write(tmp_path, BASE), ["train.lr"])
+    with pytest.raises(ConfigError, match="no list item"):
+        load_config(_write(tmp_path, BASE), ["methods.dora.rank=4"])

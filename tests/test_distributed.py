@@ -1,0 +1,73 @@
+"""Two CPU processes (gloo) under torchrun: sharded calibration equals one process, and DDP training equals one
+process on the union of the shards' batches.
+
+``accelerate launch --cpu --num_processes 2`` starts a single process (accelerate's CPU multi-process path is mpirun),
+so the worker is started with ``torchrun --standalone`` (a free port, no clash with parallel runs); `Accelerator`
+reads the torchrun environment and runs as MULTI_CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _dist_worker import N_FEATURES, THANORA_CONFIG, TRAIN_CONFIG, calibration
+from test_train import collate_features, learnable_llama, synthetic_features
+from thanora.methods import METHODS, MethodContext
+from thanora.train import CHECKPOINTS, make_loader_factory, train
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+               str(out_dir)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"workers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((out_dir / "result.json").read_text(encoding="utf-8")), out_dir
+
+
+def test_sharded_calibration_equals_one_process(launched: tuple[list[dict], Path]) -> None:
+    reports, _ = launched
+    assert len(reports) == 2
+    for report in reports:
+        assert report["world"] == 2 and report["distributed_type"].endswith("MULTI_CPU")
+        assert report["tasks_equal"] and report["ranks_equal"]
+        assert report["max_entropy_diff"] <= 1e-6
+        assert report["max_rel_factor_diff"] <= 1e-5
+
+
+def test_ddp_training_equals_one_process_on_the_same_batches(launched: tuple[list[dict], Path],
+                                                            tmp_path: Path) -> None:
+    reports, out_dir = launched
+    assert all(r["replica_spread"] == 0.0 for r in reports)  # the replicas stayed identical
+    assert reports[0]["history"] == reports[1]["history"]
+    # One process, micro-batch 2x as large: the same examples per step (DistributedSampler deals one permutation).
+    features = synthetic_features(N_FEATURES)
+    method = METHODS["thanora"]
+    model = method.prepare(learnable_llama(), THANORA_CONFIG,
+                           MethodContext(calibration=calibration(features), progress=False))
+    factory = make_loader_factory(features, 2 * TRAIN_CONFIG.batch_size, collate_features, seed=0)
+    single = train(model, method, THANORA_CONFIG, factory, TRAIN_CONFIG, out_dir=tmp_path, progress=False)
+    assert len(single.history) == len(reports[0]["history"]) == TRAIN_CONFIG.max_steps
+    for ours, theirs in zip(reports[0]["history"], single.history, strict=True):
+        for key in ("loss", "reg", "grad_norm", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    ddp = load_file(str(out_dir / CHECKPOINTS / "step-2" / "adapter.safetensors"))
+    assert len(load_file(str(tmp_path / CHECKPOINTS / "step-2" / "adapter.safetensors"))) == len(ddp)
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert ddp.keys() == weights.keys()  # process-count independent names (no "module." prefix)
+    for name, value in weights.items():  # Adam divides by |g|: round-off on near-zero gradients shows at ~1e-3 lr
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-3 * TRAIN_CONFIG.lr)
+    rng = torch.load(out_dir / CHECKPOINTS / "step-2" / "rng.pt", weights_only=True)
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one RNG state per process

@@ -1,0 +1,275 @@
+"""The training loop on a tiny Llama: loss falls, only adapters change, λ per micro-batch, exact resume, NaN."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from conftest import tiny_llama
+from thanora import ThanoraConfig
+from thanora.formats import IGNORE_INDEX, collate
+from thanora.methods import METHODS, MethodContext
+from thanora.methods.lora import LoraSettings
+from thanora.train import (
+    CHECKPOINTS,
+    HISTORY,
+    LATEST,
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    make_loader_factory,
+    train,
+)
+
+PROMPT_LEN = 6
+ANSWERS = ([10, 11, 12, 13], [20, 21, 22, 23])  # task t answers its fixed sequence after its marker token 5 + t
+TASKS = ("alpha", "beta")
+
+
+def synthetic_features(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Two tasks: a marker token, random filler, then the task's fixed 4-token answer (labels on the answer only)."""
+    rng = random.Random(seed)
+    features = []
+    for i in range(n):
+        task = i % 2
+        prompt = [5 + task] + [rng.randrange(30, 120) for _ in range(PROMPT_LEN - 1)]
+        answer = ANSWERS[task]
+        features.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * PROMPT_LEN + answer,
+                         "task_id": task})
+    return features
+
+
+def collate_features(features: list[dict[str, Any]]) -> dict[str, Tensor]:
+    return collate(features, pad_token_id=0)
+
+
+def calibration_batches(features: list[dict[str, Any]], per_task: int = 16) -> dict[str, list[dict[str, Tensor]]]:
+    """ThanoRA's calibration set from the same synthetic data: one batch of ``per_task`` prompts+answers per task."""
+    out = {}
+    for task_id, task in enumerate(TASKS):
+        batch = collate_features([f for f in features if f["task_id"] == task_id][:per_task])
+        out[task] = [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}]
+    return out
+
+
+def learnable_llama(seed: int = 0) -> nn.Module:
+    """The tiny Llama with a 10x output head: its random head (std 0.02) caps the logit range, so no adapter on the
+    linear layers could fit the task; the head stays frozen."""
+    model = tiny_llama(seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+def prepared(method: str, settings: Any, features: list[dict[str, Any]]) -> nn.Module:
+    ctx = MethodContext(calibration=calibration_batches(features), progress=False, seed=0)
+    return METHODS[method].prepare(learnable_llama(), settings, ctx)
+
+
+def settings_of(method: str, dropout: float = 0.05, spr_lambda: float = 1e-6) -> Any:
+    if method == "lora":
+        return LoraSettings(rank=4, lora_dropout=dropout)
+    return ThanoraConfig(rank=8, lora_dropout=dropout, spr_lambda=spr_lambda)
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def config(**overrides: Any) -> TrainConfig:
+    base = dict(max_steps=6, batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0, mixed_precision="no",
+                log_every=1, schedule="cosine")
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def features() -> list[dict[str, Any]]:
+    return synthetic_features(32)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("epochs", 0), ("max_steps", 0), ("batch_size", 0), ("grad_accum", 0), ("lr", 0.0), ("weight_decay", -1.0),
+    ("max_grad_norm", -1.0), ("schedule", "step"), ("warmup_ratio", 1.0), ("mixed_precision", "fp8"),
+    ("log_every", 0), ("eval_every", -1), ("save_every", -1), ("seed", 1.5),
+])
+def test_train_config_validation_names_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} "):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("method", ["lora", "thanora"])
+def test_training_lowers_loss_and_changes_only_adapters(method: str, tmp_path: Path) -> None:
+    data = synthetic_features(64)
+    settings = settings_of(method)
+    model = prepared(method, settings, data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = set(trainable_state(model))
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = config(max_steps=16, batch_size=8, grad_accum=1, lr=2e-2, schedule="constant", log_every=2)
+    result = train(model, METHODS[method], settings, make_loader_factory(data, 8, collate_features, seed=0), cfg,
+                   out_dir=tmp_path, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert result.steps == 16 and len(losses) == 8
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.5, losses
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    frozen = [k for k in before if k not in trainable]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_B" in name:  # every B moved (A too, but B is the zero-init half)
+            assert not torch.equal(before[name], param.detach()), name
+    assert not model.training  # caller's mode (eval, from conftest) restored
+    assert (tmp_path / HISTORY).is_file()
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith("step-")] == ["step-16"]
+
+
+def test_regularizer_is_added_once_per_micro_batch(features: list[dict[str, Any]]) -> None:
+    """One step of batch 8 = one step of 2 x batch 4 (same 8 examples, no padding, no dropout), with a large λ."""
+    settings = settings_of("thanora", dropout=0.0, spr_lambda=1e-3)
+    results = {}
+    for batch_size, accum in ((8, 1), (4, 2)):
+        model = prepared("thanora", settings, features)
+        cfg = config(max_steps=1, batch_size=batch_size, grad_accum=accum, max_grad_norm=0.0)
+        factory = make_loader_factory(features, batch_size, collate_features, seed=0)
+        result = train(model, METHODS["thanora"], settings, factory, cfg, progress=False)
+        results[accum] = (result.history[0], trainable_state(model))
+    (one, weights_one), (two, weights_two) = results[1], results[2]
+    assert one["reg"] > one["loss"]  # the regulariser matters: a double count would show in the gradient
+    for key in ("loss", "reg", "grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-5, atol=1e-6)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def global_rng_factory(features: list[dict[str, Any]]) -> Any:
+    """Seeded order, but iterating the DataLoader draws its base seed from the global torch RNG (no generator)."""
+
+    def factory(epoch: int) -> DataLoader:
+        sampler = RandomSampler(features, generator=torch.Generator().manual_seed(epoch))  # type: ignore[arg-type]
+        return DataLoader(features, batch_size=4, sampler=sampler, collate_fn=collate_features)  # type: ignore
+
+    return factory
+
+
+def list_factory(features: list[dict[str, Any]]) -> Any:
+    """Plain lists of batches (no DataLoader: skipped by iterating), in an epoch-dependent order."""
+
+    def factory(epoch: int) -> list[dict[str, Tensor]]:
+        order = features[epoch % len(features):] + features[:epoch % len(features)]
+        return [collate_features(order[i:i + 4]) for i in range(0, len(order), 4)]
+
+    return factory
+
+
+# Resume mid-epoch (4 steps per epoch) and at an epoch boundary; with a loader that touches the global RNG or not.
+@pytest.mark.parametrize("save_every", [3, 4])
+@pytest.mark.parametrize("loader", ["seeded", "global_rng", "list"])
+def test_resume_reproduces_the_uninterrupted_run(save_every: int, loader: str, features: list[dict[str, Any]],
+                                                 tmp_path: Path) -> None:
+    settings = settings_of("lora", dropout=0.1)  # dropout: the RNG state must be restored too
+    factory = {"seeded": make_loader_factory(features, 4, collate_features, seed=3),
+               "global_rng": global_rng_factory(features), "list": list_factory(features)}[loader]
+    cfg = config(save_every=save_every, eval_every=1)
+
+    def run(out_dir: Path, resume: bool, stop_at: int | None) -> tuple[nn.Module, Any]:
+        def eval_fn(_model: nn.Module, step: int) -> dict[str, float]:
+            if step == stop_at:
+                raise _Interrupt
+            return {"step_seen": float(step)}
+
+        model = prepared("lora", settings, features)
+        return model, train(model, METHODS["lora"], settings, factory, cfg, out_dir=out_dir, resume=resume,
+                            eval_fn=eval_fn, progress=False)
+
+    full_model, full = run(tmp_path / "full", resume=False, stop_at=None)
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "cut", resume=False, stop_at=save_every + 1)
+    assert (tmp_path / "cut" / CHECKPOINTS / LATEST).read_text().strip() == f"step-{save_every}"
+    model, resumed = run(tmp_path / "cut", resume=True, stop_at=None)
+    assert resumed.resumed_from == save_every and resumed.steps == 6
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in resumed.history]),
+                               torch.tensor([h["loss"] for h in full.history]), rtol=0, atol=1e-6)
+    assert resumed.history == full.history  # eval entries and lr too
+    full_weights, weights = trainable_state(full_model), trainable_state(model)
+    for name in full_weights:
+        torch.testing.assert_close(weights[name], full_weights[name], rtol=0, atol=1e-6)
+    saved = sorted(p.name for p in (tmp_path / "cut" / CHECKPOINTS).iterdir() if p.name.startswith("step-"))
+    assert saved == sorted({f"step-{save_every}", "step-6"})  # the last two kept
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(features: list[dict[str, Any]], tmp_path: Path) -> None:
+    settings = settings_of("lora")
+    batches = [collate_features(features[i:i + 4]) for i in range(0, 16, 4)]
+    batches[2]["labels"].fill_(IGNORE_INDEX)  # no target token: mean cross-entropy = 0/0 = NaN at step 3
+    model = prepared("lora", settings, features)
+    with pytest.raises(NonFiniteLossError, match="step 3") as err:
+        train(model, METHODS["lora"], settings, lambda epoch: batches, config(grad_accum=1, save_every=1),
+              out_dir=tmp_path, progress=False)
+    assert err.value.step == 3
+    root = tmp_path / CHECKPOINTS
+    assert (root / LATEST).read_text().strip() == "step-2"
+    saved = load_file(str(root / "step-2" / "adapter.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    for name, param in trainable_state(model).items():  # the bad step was never applied
+        torch.testing.assert_close(param, saved[name], rtol=0, atol=0)
+    assert not (tmp_path / HISTORY).exists()
+
+
+def test_corrupt_missing_or_foreign_checkpoint_is_a_clear_error(features: list[dict[str, Any]],
+                                                                tmp_path: Path) -> None:
+    settings = settings_of("lora")
+    factory = make_loader_factory(features, 4, collate_features, seed=0)
+    cfg = config(max_steps=2, grad_accum=1)
+
+    def resume(train_cfg: TrainConfig = cfg) -> None:
+        model = prepared("lora", settings, features)
+        train(model, METHODS["lora"], settings, factory, train_cfg, out_dir=tmp_path, resume=True, progress=False)
+
+    resume()  # no checkpoint yet: starts from scratch, saves step-2
+    root = tmp_path / CHECKPOINTS
+    with pytest.raises(CheckpointError, match=r"config\.lr"):
+        resume(config(max_steps=2, grad_accum=1, lr=1e-3))
+    weights = root / "step-2" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=f"checkpoint {root / 'step-2'} is corrupt"):
+        resume()
+    (root / LATEST).write_text("step-7\n")
+    with pytest.raises(CheckpointError, match="step-7, which does not exist"):
+        resume()
+
+
+def test_loader_factory_is_seeded_per_epoch_and_sharded() -> None:
+    data = [{"input_ids": [3 + i], "labels": [3 + i], "task_id": 0} for i in range(12)]
+
+    def order(epoch: int, **kw: Any) -> list[int]:
+        factory = make_loader_factory(data, 2, collate_features, seed=1, **kw)
+        return [int(i) for b in factory(epoch) for i in b["input_ids"][:, 0]]
+
+    torch.manual_seed(0)
+    first = order(0)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert order(0) == first and order(1) != first and sorted(first) == list(range(3, 15))
+    shards = [order(0, num_processes=2, process_index=r) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(3, 15))
+
+
+def test_accelerator_must_match_the_config(features: list[dict[str, Any]]) -> None:
+    settings = settings_of("lora")
+    model = prepared("lora", settings, features)
+    factory = make_loader_factory(features, 4, collate_features, seed=0)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        train(model, METHODS["lora"], settings, factory, config(), Accelerator(cpu=True, gradient_accumulation_steps=2),
+              progress=False)
