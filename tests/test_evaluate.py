@@ -121,15 +121,24 @@ def test_config_and_task_validation() -> None:
 # ----------------------------------------------------------------------------------------------- log-likelihood
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_score_options_equals_naive_per_pair(tok: PreTrainedTokenizerFast, batch_size: int, normalize: bool) -> None:
+@pytest.mark.parametrize("pack", [True, False])
+def test_score_options_equals_naive_per_pair(tok: PreTrainedTokenizerFast, batch_size: int, normalize: bool,
+                                             pack: bool) -> None:
     model = tiny_llama()
-    cfg = EvalConfig(batch_size=batch_size, length_normalize=normalize)
+    cfg = EvalConfig(batch_size=batch_size, length_normalize=normalize, pack_options=pack)
     ranked, letter = _pairs("ranked"), _pairs("letter")  # multi-token options, and shared single-token letters
     prompts, options = ranked[0] + letter[0], ranked[1] + letter[1]
     got = score_options(model, tok, prompts, options, cfg, "cpu")
     assert [len(s) for s in got] == [len(o) for o in options]
     for prompt, targets, scores in zip(prompts, options, got, strict=True):
         np.testing.assert_allclose(scores, naive_scores(model, tok, prompt, targets, normalize), atol=1e-4)
+
+
+def test_packed_options_match_separate_pairs_on_gpt2(tok: PreTrainedTokenizerFast, gpt2: torch.nn.Module) -> None:
+    prompts, options = _pairs("ranked")
+    packed = score_options(gpt2, tok, prompts, options, EvalConfig(batch_size=4, pack_options=True), "cpu")
+    separate = score_options(gpt2, tok, prompts, options, EvalConfig(batch_size=4, pack_options=False), "cpu")
+    np.testing.assert_allclose(np.concatenate(packed), np.concatenate(separate), atol=1e-4)
 
 
 def test_order_and_batching_do_not_change_scores(tok: PreTrainedTokenizerFast) -> None:

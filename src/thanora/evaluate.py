@@ -43,11 +43,14 @@ _NO_LIMIT = 1 << 30
 @dataclass(frozen=True)
 class EvalConfig:
     """Settings: ``batch_size`` sequences per forward pass ((prompt, option) pairs when scoring, prompts when
-    generating), ``max_new_tokens`` (greedy decoding), ``length_normalize`` (mean log-prob per option token)."""
+    generating), ``max_new_tokens`` (greedy decoding), ``length_normalize`` (mean log-prob per option token),
+    ``pack_options`` (score all options of a prompt in one sequence with a 4D attention mask: about T× fewer
+    tokens for T options; turn off for a model that does not accept 4D masks and position ids)."""
 
     batch_size: int = 16
     max_new_tokens: int = 32
     length_normalize: bool = True
+    pack_options: bool = True
 
     def __post_init__(self) -> None:
         for name, value in (("batch_size", self.batch_size), ("max_new_tokens", self.max_new_tokens)):
@@ -97,11 +100,17 @@ class TaskMetrics(TypedDict):
 
 @dataclass
 class _Row:
-    """One sequence to run: token ids, the option continuations read off it, and per-sample processor outputs."""
+    """One sequence to run: token ids, the option continuations read off it, and per-sample processor outputs.
+
+    A *packed* row holds one prompt followed by all its options (``spans``: (start, length) of each option); a 4D
+    attention mask lets every option see the prompt and itself only, and position ids restart after the prompt,
+    so each option's log-likelihood equals a separate prompt + option pass at a fraction of the tokens.
+    """
 
     ids: list[int]
-    queries: list[tuple[int, int, list[int]]]  # (output slot, position of the first target token, target ids)
+    queries: list[tuple[int, list[int], list[int]]]  # (output slot, positions whose logits predict, target ids)
     extras: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values (1, 3, H, W)
+    spans: list[tuple[int, int]] | None = None  # packed rows: (start, length) of each option after the prompt
 
 
 class _ImagePromptTokenizer:
@@ -138,9 +147,9 @@ def _context_length(model: nn.Module) -> int:
     return int(limit) if isinstance(limit, int) and limit > 0 else _NO_LIMIT
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
+def _accepts(model: nn.Module, argument: str) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers pass kwargs on
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return argument in inspect.signature(base.forward).parameters
 
 
 @contextmanager
@@ -181,20 +190,58 @@ def _batches(n_prompts: int, encode: Callable[[int], list[_Row]], batch_size: in
 
 
 def _rows_for_prompt(
-    tokenizer: Any, processor: Any, prompt: str, targets: Sequence[str], image: Any, slot: int, max_length: int
+    tokenizer: Any, processor: Any, prompt: str, targets: Sequence[str], image: Any, slot: int, max_length: int,
+    pack: bool,
 ) -> list[_Row]:
-    """Encode one prompt with each option; options of one token each share a single row (one forward pass)."""
+    """Encode one prompt with each option: one packed row when the options share the prompt tokens (text only),
+    else one row per option."""
     encoder = tokenizer if image is None else _ImagePromptTokenizer(processor, tokenizer, prompt, image)
     rows: list[_Row] = []
     for j, target in enumerate(targets):
         enc = encode_example(encoder, prompt, target, max_length)
         start = next(k for k, label in enumerate(enc["labels"]) if label != IGNORE_INDEX)
         extras = dict(getattr(encoder, "extras", {}))
-        rows.append(_Row(enc["input_ids"], [(slot + j, start, enc["input_ids"][start:])], extras))
-    shared = rows[0].ids[: rows[0].queries[0][1]]
-    if len(rows) > 1 and all(len(r.queries[0][2]) == 1 and r.ids[: r.queries[0][1]] == shared for r in rows):
-        return [_Row(shared, [q for r in rows for q in r.queries], rows[0].extras)]
-    return rows
+        target_ids = enc["input_ids"][start:]
+        rows.append(_Row(enc["input_ids"], [(slot + j, list(range(start - 1, len(enc["input_ids"]) - 1)),
+                                             target_ids)], extras))
+    prompt_ids = rows[0].ids[: rows[0].queries[0][1][0] + 1]
+    n_prompt = len(prompt_ids)
+    packed_len = n_prompt + sum(len(r.queries[0][2]) for r in rows)
+    if (len(rows) < 2 or image is not None or not pack or packed_len > max_length
+            or any(r.ids[:n_prompt] != prompt_ids for r in rows)):
+        return rows
+    ids, queries, spans = list(prompt_ids), [], []
+    for r in rows:
+        slot_j, _, target_ids = r.queries[0]
+        start = len(ids)
+        queries.append((slot_j, [n_prompt - 1, *range(start, start + len(target_ids) - 1)], target_ids))
+        spans.append((start, len(target_ids)))
+        ids.extend(target_ids)
+    return [_Row(ids, queries, {}, spans)]
+
+
+def _attention(rows: Sequence[_Row], width: int, device: torch.device | str, dtype: torch.dtype
+               ) -> tuple[Tensor, Tensor | None]:
+    """The batch's attention mask: 2D (B, L) padding mask when no row is packed, else a 4D additive (B, 1, L, L)
+    mask plus position ids (B, L) that restart after the prompt for every option of a packed row."""
+    if all(r.spans is None for r in rows):
+        mask = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows], device=device)
+        return mask, None
+    allowed = torch.zeros(len(rows), width, width, dtype=torch.bool)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for b, row in enumerate(rows):
+        n = len(row.ids)
+        n_prompt = row.spans[0][0] if row.spans else n
+        allowed[b, :n_prompt, :n_prompt] = causal[:n_prompt, :n_prompt]
+        positions[b, :n_prompt] = torch.arange(n_prompt)
+        for start, length in row.spans or []:
+            allowed[b, start:start + length, :n_prompt] = True
+            allowed[b, start:start + length, start:start + length] = causal[:length, :length]
+            positions[b, start:start + length] = torch.arange(n_prompt, n_prompt + length)
+        allowed[b, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends to itself: no empty rows
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None].to(device), positions.to(device)
 
 
 def _score_rows(
@@ -203,17 +250,20 @@ def _score_rows(
     """One right-padded forward pass; returns ``{slot: (sum of target log-probs, number of target tokens)}``."""
     width = max(len(r.ids) for r in rows)
     input_ids = torch.tensor([r.ids + [pad_id] * (width - len(r.ids)) for r in rows], device=device)  # (B, L)
-    mask = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows], device=device)  # (B, L)
-    # The logits at position p predict token p + 1: only positions from the earliest target's start - 1 are needed.
-    first = min(start for r in rows for _, start, _ in r.queries) - 1
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    mask, positions = _attention(rows, width, device, dtype)
+    # Only logits from the earliest predicting position on are needed.
+    first = min(pos[0] for r in rows for _, pos, _ in r.queries)
     kwargs: dict[str, Any] = _stack_extras(rows, device, model)
+    if positions is not None:
+        kwargs["position_ids"] = positions
     if keep_ok:
         kwargs["logits_to_keep"] = width - first
     logits = model(input_ids=input_ids, attention_mask=mask, **kwargs).logits  # (B, L', V)
     offset = width - logits.shape[1]
     queries = [(b, query) for b, row in enumerate(rows) for query in row.queries]
     b_idx = [b for b, (_, _, target) in queries for _ in target]
-    pos = [start - 1 + k - offset for _, (_, start, target) in queries for k in range(len(target))]
+    pos = [p - offset for _, (_, positions_q, _) in queries for p in positions_q]
     tok = torch.tensor([t for _, (_, _, target) in queries for t in target], device=device)  # (T,)
     seg = torch.tensor([q for q, (_, (_, _, target)) in enumerate(queries) for _ in target], device=device)  # (T,)
     picked = logits[torch.tensor(b_idx, device=device), torch.tensor(pos, device=device)].float()  # (T, V)
@@ -255,10 +305,12 @@ def score_options(
     offsets = [0, *itertools.accumulate(len(opts) for opts in options)]
     images = images if images is not None else [None] * len(prompts)
     results: dict[int, tuple[float, int]] = {}
-    max_length, pad_id, keep_ok = _context_length(model), _pad_id(tokenizer), _accepts_logits_to_keep(model)
+    max_length, pad_id, keep_ok = _context_length(model), _pad_id(tokenizer), _accepts(model, "logits_to_keep")
+    pack = cfg.pack_options and _accepts(model, "position_ids")
 
     def encode(i: int) -> list[_Row]:
-        return _rows_for_prompt(tokenizer, processor, prompts[i], options[i], images[i], offsets[i], max_length)
+        return _rows_for_prompt(tokenizer, processor, prompts[i], options[i], images[i], offsets[i], max_length,
+                                pack)
 
     bar = tqdm(total=offsets[-1], desc="score", unit="pair", disable=not progress, leave=False)
     with _eval_mode(model):

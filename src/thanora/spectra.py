@@ -54,18 +54,75 @@ class Spectrum:
         return Spectrum(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.damping)
 
 
-def task_aware_svd(weight: torch.Tensor, moment: torch.Tensor, rank: int, cfg: ThanoraConfig) -> Spectrum:
+@dataclass(frozen=True)
+class DampedFactor:
+    """C_d = C + δ·mean(diag C)·I and its Cholesky factor L, for the smallest δ that solves accurately."""
+
+    C_d: torch.Tensor
+    L: torch.Tensor
+    damping: float
+
+
+def damped_factor(moment: torch.Tensor, cfg: ThanoraConfig, start: float | None = None) -> DampedFactor:
+    """Damp C until the Cholesky factorisation succeeds and solves are accurate (SPEC.md §2).
+
+    δ starts at ``start`` (default ``cfg.damping``) and doubles, at most ``cfg.max_damping_doublings`` times, until
+    the relative residual ‖C_d X − P‖/‖P‖ of a solve against a fixed random probe P is below
+    ``cfg.solve_tolerance``. Checking with a probe instead of the singular vectors means one SVD per module, and
+    modules reading the same input (q/k/v) share the factor.
+
+    Args:
+        moment: C, (d_in, d_in) symmetric positive semi-definite; its dtype is the compute dtype.
+        cfg: damping, cap and tolerance.
+        start: initial δ.
+
+    Raises:
+        SingularCovarianceError: C is zero, or no δ up to the cap solves accurately.
+    """
+    C = moment
+    dtype, device = C.dtype, C.device
+    scale = torch.diagonal(C).mean()
+    if not torch.isfinite(scale) or scale <= 0:
+        raise SingularCovarianceError("the input covariance is zero or not finite (the module saw only zeros)")
+    probe = torch.randn(C.shape[0], 8, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    eye = torch.eye(C.shape[0], dtype=dtype, device=device)
+    delta = cfg.damping if start is None else start
+    residual = float("inf")
+    for _ in range(cfg.max_damping_doublings + 1):
+        C_d = C + (delta * scale) * eye
+        L, info = torch.linalg.cholesky_ex(C_d)
+        if int(info) == 0:
+            residual = _solve_residual(C_d, L, probe)
+            if residual <= cfg.solve_tolerance:
+                return DampedFactor(C_d, L, delta)
+        delta *= 2.0
+    raise SingularCovarianceError(
+        f"covariance too ill-conditioned: damping doubled {cfg.max_damping_doublings} times up to δ={delta / 2:g} "
+        f"and the solve residual is still {residual:.2e} > solve_tolerance={cfg.solve_tolerance:g}; "
+        "use stats_dtype=float64, more calibration data, or a larger damping"
+    )
+
+
+def _solve_residual(C_d: torch.Tensor, L: torch.Tensor, rhs: torch.Tensor) -> float:
+    X = torch.cholesky_solve(rhs, L)
+    return float(torch.linalg.norm(C_d @ X - rhs) / torch.linalg.norm(rhs))
+
+
+def task_aware_svd(
+    weight: torch.Tensor, moment: torch.Tensor, rank: int, cfg: ThanoraConfig, factor: DampedFactor | None = None
+) -> Spectrum:
     """Top-``rank`` task-aware SVD of one weight (CorDA's Ŵ = SVD(W C) C⁻¹, damped; SPEC.md §2).
 
-    With C_d = C + δ·mean(diag C)·I, U diag(S) Vᵀ = svd(W C_d) and V̂ᵀ = Vᵀ C_d⁻¹ (Cholesky solve, no inverse), so
-    U diag(S) V̂ᵀ = W when all triplets are kept. δ starts at ``cfg.damping`` and doubles until the Cholesky
-    factorisation succeeds and the solve's relative residual is below ``cfg.solve_tolerance``.
+    With C_d = C + δ·mean(diag C)·I (see `damped_factor`), U diag(S) Vᵀ = svd(W C_d) and V̂ᵀ = Vᵀ C_d⁻¹ (Cholesky
+    solve, no inverse), so U diag(S) V̂ᵀ = W when all triplets are kept. The same C_d is used on both sides. If the
+    solve against the singular vectors themselves misses the tolerance, δ keeps doubling.
 
     Args:
         weight: W, (d_out, d_in).
         moment: C, (d_in, d_in) symmetric positive semi-definite; its dtype is the compute dtype.
         rank: number of triplets to keep (<= min(d_out, d_in)).
         cfg: damping, tolerance and SVD settings.
+        factor: a `damped_factor` of ``moment`` computed before (shared by modules with the same input).
 
     Returns:
         The top-``rank`` `Spectrum` (compute dtype, on ``moment``'s device).
@@ -73,32 +130,16 @@ def task_aware_svd(weight: torch.Tensor, moment: torch.Tensor, rank: int, cfg: T
     Raises:
         SingularCovarianceError: the covariance is zero, or no damping up to the cap gave an accurate solve.
     """
-    dtype, device = moment.dtype, moment.device
-    W = weight.detach().to(dtype=dtype, device=device)  # (d_out, d_in)
-    C = moment
+    W = weight.detach().to(dtype=moment.dtype, device=moment.device)  # (d_out, d_in)
     if rank > min(W.shape):
         raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(W.shape)} of a {tuple(W.shape)} weight")
-    scale = torch.diagonal(C).mean()
-    if not torch.isfinite(scale) or scale <= 0:
-        raise SingularCovarianceError("the input covariance is zero or not finite (the module saw only zeros)")
-    eye = torch.eye(C.shape[0], dtype=dtype, device=device)
-    delta = cfg.damping
-    residual = float("inf")
-    for _ in range(cfg.max_damping_doublings + 1):
-        C_d = C + (delta * scale) * eye
-        L, info = torch.linalg.cholesky_ex(C_d)
-        if int(info) == 0:
-            U, S, V = _top_svd(W @ C_d, rank, cfg)  # (d_out, R), (R,), (d_in, R)
-            X = torch.cholesky_solve(V, L)  # (d_in, R) = C_d⁻¹ V
-            residual = float(torch.linalg.norm(C_d @ X - V) / torch.linalg.norm(V))
-            if residual <= cfg.solve_tolerance:
-                return Spectrum(U=U, S=S, Vh=X.T.contiguous(), damping=delta)
-        delta *= 2.0
-    raise SingularCovarianceError(
-        f"covariance too ill-conditioned: damping doubled {cfg.max_damping_doublings} times up to δ={delta / 2:g} "
-        f"and the solve residual is still {residual:.2e} > solve_tolerance={cfg.solve_tolerance:g}; "
-        "use stats_dtype=float64, more calibration data, or a larger damping"
-    )
+    factor = factor or damped_factor(moment, cfg)
+    while True:
+        U, S, V = _top_svd(W @ factor.C_d, rank, cfg)  # (d_out, R), (R,), (d_in, R)
+        X = torch.cholesky_solve(V, factor.L)  # (d_in, R) = C_d⁻¹ V
+        if float(torch.linalg.norm(factor.C_d @ X - V) / torch.linalg.norm(V)) <= cfg.solve_tolerance:
+            return Spectrum(U=U, S=S, Vh=X.T.contiguous(), damping=factor.damping)
+        factor = damped_factor(moment, cfg, start=2.0 * factor.damping)
 
 
 def _top_svd(M: torch.Tensor, rank: int, cfg: ThanoraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,11 +172,15 @@ def decompose_task(
         ``{module name: Spectrum}`` on CPU in float32.
     """
     spectra: dict[str, Spectrum] = {}
+    factors: dict[str, DampedFactor] = {}  # one damped Cholesky factor per distinct input (q/k/v share one)
     for name in tqdm(targets, desc=f"decompose [{stats.task}]", disable=not progress, leave=False):
         module = model.get_submodule(name)
-        moment = stats.of(name).to(device=module.weight.device)
+        key = stats.input_of[name]
+        moment = stats.moments[key].to(device=module.weight.device)
         try:
-            spectrum = task_aware_svd(weight_matrix(module), moment, cfg.rank, cfg)
+            if key not in factors:
+                factors = {key: damped_factor(moment, cfg)}  # inputs come in module order: keep only the current
+            spectrum = task_aware_svd(weight_matrix(module), moment, cfg.rank, cfg, factors[key])
         except (SingularCovarianceError, ValueError) as err:
             raise type(err)(f"task {stats.task!r}, module {name!r}: {err}") from err
         spectra[name] = Spectrum(*(t.float().cpu() for t in (spectrum.U, spectrum.S, spectrum.Vh)), spectrum.damping)
