@@ -136,3 +136,19 @@ def test_block_overlap_is_one_on_the_diagonal_and_zero_for_orthogonal_blocks() -
     A[3] = A[0]
     shared = block_overlap(A, B, blocks, ["a", "b"])
     assert 0.0 < shared[0][1] <= 1.0 and shared[0][1] == pytest.approx(shared[1][0])
+
+
+def test_init_normalization_makes_every_module_start_at_one() -> None:
+    calibration = {"a": [random_batch(1)], "b": [random_batch(2)]}
+    raw = thanora.prepare_model(tiny_llama(), calibration, thanora.ThanoraConfig(rank=8), progress=False)
+    normalized = thanora.prepare_model(tiny_llama(), calibration,
+                                       thanora.ThanoraConfig(rank=8, spr_normalization="init"), progress=False)
+    n_modules = len(thanora.adapter_of(normalized).targets)
+    assert float(thanora.spr_loss(normalized)) == pytest.approx(n_modules, rel=1e-4)
+    # The weights are constants: the raw per-module terms divided by their initial values.
+    adapter = thanora.adapter_of(normalized)
+    expected = sum(adapter.spr_weights[n] * float(spr_penalty(*lora_factors(raw, n), task_pair_mask(
+        adapter.blocks[n], list(adapter.plan.tasks)))) for n in adapter.targets)
+    assert float(thanora.spr_loss(normalized)) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="spr_normalization"):
+        thanora.ThanoraConfig(spr_normalization="max")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from typing import Any, Literal
 GammaMode = Literal["sqrt_per_factor", "per_factor"]
 SvdMode = Literal["exact", "randomized"]
 StatsDtype = Literal["float32", "float64"]
+SprNormalization = Literal["none", "init"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class ThanoraConfig:
             each factor by γ (product × γ², the paper's literal wording).
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
         spr_lambda: weight λ of the subspace-preserving regulariser (0 disables it: "HASI only").
+        spr_normalization: ``"none"`` is the paper's raw sum over modules (SPEC.md §5). Its scale follows the
+            covariance: A = √S̃·Vᵀ C⁻¹ grows as C^(-1/2), so modules with small inputs (down_proj) can dominate by
+            many orders of magnitude (SmolLM2: λ·SPR ≈ 4e10 at init with λ = 1e-4). ``"init"`` divides each
+            module's term by its value at initialisation, so every module starts at 1 and λ weighs the relative
+            overlap (a thanora option, not in the paper).
         target_modules: module names (full dotted names or their suffixes such as ``"q_proj"``) inside the language
             model; ``None`` means every linear layer of the language model (never the vision tower, the projector
             or the output head).
@@ -50,6 +56,7 @@ class ThanoraConfig:
     gamma_mode: GammaMode = "sqrt_per_factor"
     residual: bool = True
     spr_lambda: float = 1e-4
+    spr_normalization: SprNormalization = "none"
     target_modules: tuple[str, ...] | None = None
     stats_dtype: StatsDtype = "float32"
     damping: float = 0.01
@@ -70,6 +77,8 @@ class ThanoraConfig:
         _require(self.gamma_mode in ("sqrt_per_factor", "per_factor"), "gamma_mode",
                  f"must be 'sqrt_per_factor' or 'per_factor', got {self.gamma_mode!r}")
         _require(self.spr_lambda >= 0, "spr_lambda", f"must be >= 0, got {self.spr_lambda}")
+        _require(self.spr_normalization in ("none", "init"), "spr_normalization",
+                 f"must be 'none' or 'init', got {self.spr_normalization!r}")
         _require(self.stats_dtype in ("float32", "float64"), "stats_dtype",
                  f"must be 'float32' or 'float64', got {self.stats_dtype!r}")
         _require(self.damping > 0, "damping", f"must be > 0, got {self.damping}")

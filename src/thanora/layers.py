@@ -27,7 +27,7 @@ from torch import nn
 from thanora.allocation import RankPlan
 from thanora.hasi_config import ThanoraConfig
 from thanora.initialize import ModuleInit
-from thanora.regularizers import task_pair_mask
+from thanora.regularizers import spr_penalty, task_pair_mask
 from thanora.targets import Target, set_weight_matrix_, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ThanoraAdapter:
         targets: the adapted modules.
         blocks: ``{module: {task: (start, stop), COOP: (start, stop)}}``.
         initial: ``{module: (A₀ (R, d_in), B₀ (d_out, R))}`` on CPU; empty when ``config.residual`` is False.
+        spr_weights: per-module factor of the SPR term (1, or 1/SPR at init with ``spr_normalization="init"``).
         base_model_name_or_path: the original base model id or path (written into exported adapters).
     """
 
@@ -59,6 +60,7 @@ class ThanoraAdapter:
     blocks: dict[str, dict[str, tuple[int, int]]]
     initial: dict[str, tuple[torch.Tensor, torch.Tensor]]
     base_model_name_or_path: str | None
+    spr_weights: dict[str, float]
 
 
 def inject_(
@@ -112,6 +114,7 @@ def inject_(
         blocks={name: dict(init.blocks) for name, init in inits.items()},
         initial={n: (i.lora_A.clone(), i.lora_B.clone()) for n, i in inits.items()} if cfg.residual else {},
         base_model_name_or_path=name_or_path,
+        spr_weights={name: _spr_weight(init, plan, cfg) for name, init in inits.items()},
     )
     peft_model.__class__ = _guarded_class(type(peft_model))
     peft_model.thanora_adapter = adapter
@@ -148,6 +151,13 @@ def lora_factors(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tenso
 def spr_mask(model: nn.Module, name: str) -> torch.Tensor:
     """The (n, n) task-pair mask of target ``name`` (a non-persistent buffer: it follows the model's device)."""
     return getattr(lora_layer(model, name), _MASK_BUFFER)
+
+
+def _spr_weight(init: ModuleInit, plan: RankPlan, cfg: ThanoraConfig) -> float:
+    if cfg.spr_normalization == "none":
+        return 1.0
+    value = float(spr_penalty(init.lora_A.double(), init.lora_B.double(), task_pair_mask(init.blocks, plan.tasks)))
+    return 1.0 / value if value > 0 else 1.0
 
 
 def _task_type(model: nn.Module) -> str | None:

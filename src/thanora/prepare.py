@@ -121,13 +121,16 @@ def task_spectra(
 
 
 def spr_loss(model: nn.Module) -> torch.Tensor:
-    """The SPR term Σ_modules Σ_{t1<t2} ‖B_t1ᵀB_t2‖_F² + ‖A_t1A_t2ᵀ‖_F² of a prepared model (unweighted).
+    """The SPR term Σ_modules Σ_{t1<t2} ‖B_t1ᵀB_t2‖_F² + ‖A_t1A_t2ᵀ‖_F² of a prepared model (without λ).
 
     Add ``config.spr_lambda * spr_loss(model)`` to the task loss of each micro-batch, before dividing by the
-    gradient-accumulation steps. A single task gives zero.
+    gradient-accumulation steps. A single task gives zero. With ``spr_normalization="init"`` each module's term is
+    divided by its value at initialisation.
     """
     adapter = adapter_of(model)
-    terms = [spr_penalty(*lora_factors(model, name), spr_mask(model, name)) for name in adapter.targets]
+    weights = adapter.spr_weights
+    terms = [weights[name] * spr_penalty(*lora_factors(model, name), spr_mask(model, name))
+             for name in adapter.targets]
     return torch.stack(terms).sum()
 
 
