@@ -153,6 +153,23 @@ def test_collate_pads_right(tok: PreTrainedTokenizerFast) -> None:
         collate([a, {**b, "task_id": 1}], 0)
 
 
+
+def test_collate_concatenates_per_image_tensors(tok: PreTrainedTokenizerFast) -> None:
+    a = encode_example(tok, "one two three Answer:", " four", 32)
+    b = encode_example(tok, "one Answer:", " four five", 32)
+    pa, pb = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 4, 4)  # leading dim: images of the example
+    features = [{**a, "pixel_values": pa, "w": torch.tensor(1.0)}, {**b, "pixel_values": pb, "w": torch.tensor(2.0)}]
+    batch = collate(features, tok.pad_token_id)
+    torch.testing.assert_close(batch["pixel_values"], torch.cat([pa, pb]))
+    assert batch["w"].tolist() == [1.0, 2.0]  # 0-d tensors are stacked
+    mixed = collate([a, {**b, "pixel_values": pb}, {**a, "pixel_values": pa}], tok.pad_token_id)  # text-only allowed
+    torch.testing.assert_close(mixed["pixel_values"], torch.cat([pb, pa]))
+    assert mixed["input_ids"].shape[0] == 3
+    with pytest.raises(ValueError, match="beyond dim 0"):
+        collate([{**a, "pixel_values": pa}, {**b, "pixel_values": torch.randn(1, 3, 8, 8)}], 0)
+    with pytest.raises(ValueError, match="same keys"):
+        collate([{**a, "task_id": 0}, {**b, "pixel_values": pb}], 0)
+
 # ----------------------------------------------------------------------------------------------- real model (slow)
 @pytest.mark.slow
 def test_smollm2_conversion_and_logits() -> None:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from thanora.formats import collate, encode_example, format_prompt, format_target
+from thanora.formats import collate, encode_example, encode_image_example, format_prompt, format_target
 from thanora.sources import Example, load_source, split_examples, split_fingerprint
 
 AnswerFormat = Literal["ranked", "letter", "generative"]
@@ -143,24 +143,58 @@ def build_task(cfg: TaskConfig, seed: int) -> TaskData:
 
 
 def encode_examples(
-    examples: Sequence[Example], task: TaskConfig, tokenizer: Any, data: DataConfig, task_id: int
+    examples: Sequence[Example],
+    task: TaskConfig,
+    tokenizer: Any,
+    data: DataConfig,
+    task_id: int,
+    processor: Any = None,
 ) -> list[dict[str, Any]]:
-    """Training features (answer-only labels) of examples, each tagged with ``task_id``."""
+    """Training features (answer-only labels) of examples, each tagged with ``task_id``.
+
+    An example with an ``image`` is encoded as evaluation encodes it (:func:`thanora.formats.encode_image_example`):
+    the prompt, with the processor's image placeholder, through ``processor``, the answer through ``tokenizer``; its
+    feature also keeps the processor's other outputs (``pixel_values``, ``image_sizes``...). Text examples are encoded
+    with ``tokenizer`` alone, whether or not a processor is given.
+
+    Args:
+        examples: The examples.
+        task: Their task (answer format).
+        tokenizer: The plain tokenizer.
+        data: Data settings (``max_length``, ``chat_template``).
+        task_id: Index of the task in the run's task list.
+        processor: ``AutoProcessor``-like callable of a vision-language model; required when an example has an image.
+
+    Returns:
+        One feature dict per example.
+
+    Raises:
+        ValueError: An example has an image but no processor is given, or ``data.max_length`` cuts its image tokens.
+    """
+    image_token = getattr(processor, "image_token", None)
     features = []
     for ex in examples:
-        prompt = format_prompt(ex, task.answer_format, tokenizer, data.chat_template)
+        prompt = format_prompt(ex, task.answer_format, tokenizer, data.chat_template, image_token)
         target = format_target(ex, task.answer_format, tokenizer, data.chat_template)
-        feature = encode_example(tokenizer, prompt, target, data.max_length, add_eos=task.answer_format == "generative")
+        add_eos = task.answer_format == "generative"
+        if ex.image:
+            feature = encode_image_example(processor, tokenizer, prompt, target, ex.image, data.max_length, add_eos)
+        else:
+            feature = dict(encode_example(tokenizer, prompt, target, data.max_length, add_eos=add_eos))
         feature["task_id"] = task_id
         features.append(feature)
     return features
 
 
 def calibration_batches(
-    task: TaskData, tokenizer: Any, data: DataConfig, device: torch.device | str = "cpu"
+    task: TaskData, tokenizer: Any, data: DataConfig, device: torch.device | str = "cpu", processor: Any = None
 ) -> list[dict[str, torch.Tensor]]:
-    """The task's calibration samples (prompt + answer, exactly as in training) as padded batches on ``device``."""
-    features = encode_examples(task.calibration, task.config, tokenizer, data, task_id=0)
+    """The task's calibration samples (prompt + answer, exactly as in training) as padded batches on ``device``.
+
+    Batches of image examples carry the processor's outputs (``pixel_values``...), so the calibration forward passes
+    see the images as training does.
+    """
+    features = encode_examples(task.calibration, task.config, tokenizer, data, task_id=0, processor=processor)
     batches = []
     for start in range(0, len(features), data.calibration_batch_size):
         chunk = [{k: v for k, v in f.items() if k != "task_id"}

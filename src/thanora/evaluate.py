@@ -3,7 +3,8 @@
 ``loglik`` mode ranks option continuations by log-likelihood (tokenised exactly as training does, through
 :func:`thanora.formats.encode_example`); ``generate`` mode decodes greedily and applies the task metric. Examples
 with an image need a ``processor`` (``AutoProcessor``-like: ``text=``, ``images=``) that expands the image
-placeholder; its other outputs (``pixel_values``...) go to the model.
+placeholder (:class:`thanora.formats.ImagePromptTokenizer`, shared with training); its other outputs
+(``pixel_values``...) go to the model.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypedDict, cast
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from thanora.formats import FORMATS, IGNORE_INDEX, LETTERS, encode_example, format_prompt, option_targets
+from thanora.formats import (
+    FORMATS,
+    IGNORE_INDEX,
+    LETTERS,
+    ImagePromptTokenizer,
+    encode_example,
+    format_prompt,
+    option_targets,
+)
 from thanora.metrics import GENERATIVE_METRICS, letter_from_generation
 from thanora.sources import Example
 
@@ -113,33 +120,6 @@ class _Row:
     spans: list[tuple[int, int]] | None = None  # packed rows: (start, length) of each option after the prompt
 
 
-class _ImagePromptTokenizer:
-    """Tokenizer view for ``encode_example``: the prompt (with its image) goes through the processor, which expands
-    the image token and returns pixel values (cached); anything else through the plain tokenizer."""
-
-    def __init__(self, processor: Any, tokenizer: Any, prompt: str, image: Any) -> None:
-        if processor is None:
-            raise ValueError("an example has an image: pass a processor (AutoProcessor-like) to evaluate it")
-        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self._processor, self._tokenizer, self._prompt, self._image = processor, tokenizer, prompt, image
-        self._cache: dict[bool, Mapping[str, Any]] = {}
-        self.extras: dict[str, Tensor] = {}
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, Any]:
-        if text != self._prompt:
-            return self._tokenizer(text, add_special_tokens=add_special_tokens)
-        if add_special_tokens not in self._cache:
-            image = self._image
-            if isinstance(image, (str, Path)):
-                with Image.open(image) as img:
-                    image = img.convert("RGB")
-            kwargs = {"add_special_tokens": add_special_tokens, "return_tensors": "pt"}
-            self._cache[add_special_tokens] = self._processor(text=[text], images=[image], **kwargs)
-        out = self._cache[add_special_tokens]
-        self.extras = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
-        return {"input_ids": out["input_ids"][0].tolist()}
-
-
 def _context_length(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -195,7 +175,7 @@ def _rows_for_prompt(
 ) -> list[_Row]:
     """Encode one prompt with each option: one packed row when the options share the prompt tokens (text only),
     else one row per option."""
-    encoder = tokenizer if image is None else _ImagePromptTokenizer(processor, tokenizer, prompt, image)
+    encoder = tokenizer if image is None else ImagePromptTokenizer(processor, tokenizer, prompt, image)
     rows: list[_Row] = []
     for j, target in enumerate(targets):
         enc = encode_example(encoder, prompt, target, max_length)
@@ -355,7 +335,7 @@ def generate_answers(
     def encode(i: int) -> list[_Row]:
         # The prompt part of encode_example (BOS, truncation...): an empty answer leaves EOS as the only target.
         image = images[i]
-        encoder = tokenizer if image is None else _ImagePromptTokenizer(processor, tokenizer, prompts[i], image)
+        encoder = tokenizer if image is None else ImagePromptTokenizer(processor, tokenizer, prompts[i], image)
         ids = encode_example(encoder, prompts[i], "", max_length, add_eos=True)["input_ids"][:-1]
         return [_Row(ids, [(i, len(ids), [])], dict(getattr(encoder, "extras", {})))]
 

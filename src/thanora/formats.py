@@ -14,11 +14,19 @@ formatted prompt (cue ``Answer:`` included) becomes one user turn rendered with
 leading space because the assistant turn starts on a fresh line. Otherwise (the default, and for tokenizers
 without a template) the plain text is used and targets start with a space, so the prompt/answer token boundary is
 the natural one for byte-level BPE tokenizers.
+
+Images: an example with an ``image`` is encoded through the model's processor (``AutoProcessor``-like: ``text=``,
+``images=``) for the prompt, which expands the image placeholder and returns pixel values, and through the plain
+tokenizer for the answer (:class:`ImagePromptTokenizer`, :func:`encode_image_example`); training, calibration and
+evaluation all go through it, so they tokenise identically. The processor's other outputs (``pixel_values``,
+``image_sizes``...) stay in the feature with their leading per-image dimension and :func:`collate` concatenates them
+along dim 0 over the examples that have them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,6 +38,7 @@ FORMATS: tuple[str, ...] = ("ranked", "letter", "generative")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IGNORE_INDEX = -100
 _BASE_KEYS = ("input_ids", "attention_mask", "labels")
+_TEXT_KEYS = ("input_ids", "attention_mask")
 
 
 def _check(example: Example, fmt: str) -> None:
@@ -205,29 +214,142 @@ def encode_example(
     }
 
 
+class ImagePromptTokenizer:
+    """Tokenizer view of one image example for :func:`encode_example`.
+
+    The prompt text (with its image) goes through the processor, which expands the image placeholder and returns
+    pixel values (cached per ``add_special_tokens``, kept in :attr:`extras`); any other text (the answer) goes
+    through the plain tokenizer. Training, calibration and evaluation all encode image examples through this class.
+
+    Args:
+        processor: ``AutoProcessor``-like callable (``text=``, ``images=``, ``return_tensors=``).
+        tokenizer: The plain tokenizer (BOS/EOS ids, answers).
+        prompt: The prompt text, with the processor's image placeholder (``format_prompt(..., image_token=)``).
+        image: Image path or PIL image.
+
+    Raises:
+        ValueError: If ``processor`` is None.
+    """
+
+    def __init__(self, processor: Any, tokenizer: Any, prompt: str, image: Any) -> None:
+        if processor is None:
+            raise ValueError("an example has an image: pass a processor (AutoProcessor-like) to encode it (a "
+                             "vision-language model folder loads one)")
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self._processor, self._tokenizer, self._prompt, self._image = processor, tokenizer, prompt, image
+        self._cache: dict[bool, Mapping[str, Any]] = {}
+        self.extras: dict[str, torch.Tensor] = {}
+        self.image_token_id = _image_token_id(processor, tokenizer)
+        self.prompt_ids: list[int] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Mapping[str, Any]:
+        """Token ids of ``text`` (``{"input_ids": [...]}``), through the processor for the prompt."""
+        if text != self._prompt:
+            return self._tokenizer(text, add_special_tokens=add_special_tokens)
+        if add_special_tokens not in self._cache:
+            image = self._image
+            if isinstance(image, (str, Path)):
+                from PIL import Image
+
+                with Image.open(image) as img:
+                    image = img.convert("RGB")
+            kwargs = {"add_special_tokens": add_special_tokens, "return_tensors": "pt"}
+            self._cache[add_special_tokens] = self._processor(text=[text], images=[image], **kwargs)
+        out = self._cache[add_special_tokens]
+        self.extras = {k: v for k, v in out.items() if k not in _TEXT_KEYS}
+        self.prompt_ids = out["input_ids"][0].tolist()
+        return {"input_ids": list(self.prompt_ids)}
+
+    def check_image_tokens(self, input_ids: Sequence[int], max_length: int) -> None:
+        """Raise if truncation to ``max_length`` cut image placeholder tokens off the encoded prompt.
+
+        Raises:
+            ValueError: Fewer image tokens in ``input_ids`` than the processor produced.
+        """
+        if self.image_token_id is None:
+            return
+        wanted = self.prompt_ids.count(self.image_token_id)
+        if list(input_ids).count(self.image_token_id) != wanted:
+            raise ValueError(f"a prompt with its image needs {len(self.prompt_ids)} tokens ({wanted} for the image) "
+                             f"but max_length={max_length} cuts image tokens off; raise the maximum length "
+                             "(data.max_length)")
+
+
+def _image_token_id(processor: Any, tokenizer: Any) -> int | None:
+    token_id = getattr(processor, "image_token_id", None)
+    token = getattr(processor, "image_token", None)
+    if token_id is None and isinstance(token, str):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None) else None
+
+
+def encode_image_example(
+    processor: Any,
+    tokenizer: Any,
+    prompt: str,
+    target: str,
+    image: Any,
+    max_length: int,
+    add_eos: bool = False,
+) -> dict[str, Any]:
+    """:func:`encode_example` for an example with an image: the prompt through the processor, the answer through the
+    tokenizer (:class:`ImagePromptTokenizer`).
+
+    Args:
+        processor: ``AutoProcessor``-like callable.
+        tokenizer: The plain tokenizer.
+        prompt: Prompt text with the image placeholder (``format_prompt(..., image_token=processor.image_token)``).
+        target: Answer text.
+        image: Image path or PIL image.
+        max_length: Maximum total number of tokens (image tokens included).
+        add_eos: Append EOS after the target.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``labels`` and the processor's other outputs (``pixel_values`` with its
+        leading per-image dimension, ``image_sizes``...).
+
+    Raises:
+        ValueError: As :func:`encode_example`, or if ``max_length`` would cut image tokens off the prompt.
+    """
+    encoder = ImagePromptTokenizer(processor, tokenizer, prompt, image)
+    feature: dict[str, Any] = dict(encode_example(encoder, prompt, target, max_length, add_eos=add_eos))
+    encoder.check_image_tokens(feature["input_ids"], max_length)
+    return {**feature, **encoder.extras}
+
+
 def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into a batch.
 
     ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 and ``labels`` (if present) with
-    -100. Every other key must hold a scalar per feature: integers/bools (e.g. ``task_id``) become a LongTensor,
-    floats a FloatTensor; tensors of equal shape are stacked.
+    -100. Every other key holds, per feature, a scalar (integers/bools, e.g. ``task_id``, become a LongTensor,
+    floats a FloatTensor; 0-d tensors are stacked) or a tensor with a leading per-image dimension (processor outputs
+    such as ``pixel_values`` (1, 3, H, W)), concatenated along dim 0.
+
+    Mixed batches (decision): examples without an image may sit in a batch with image examples. Such per-image keys
+    are then concatenated over the features that have them only, in batch order, which is the convention of
+    placeholder-based vision-language models (LLaVA & co. pair the i-th image with the i-th run of image tokens);
+    evaluation batches images the same way. Every other key must be present in every feature.
 
     Args:
-        features: Outputs of :func:`encode_example`, possibly with extra scalar keys.
+        features: Outputs of :func:`encode_example` / :func:`encode_image_example`, possibly with extra keys.
         pad_token_id: Padding id for ``input_ids``.
 
     Returns:
         The batch as tensors.
 
     Raises:
-        ValueError: For an empty batch or features with differing keys.
+        ValueError: For an empty batch, features with differing non-image keys, or per-image tensors whose shapes
+            beyond dim 0 differ.
         TypeError: For an extra key whose values cannot be stacked.
     """
     if not features:
         raise ValueError("cannot collate an empty batch")
-    keys = list(features[0])
-    if any(set(f) != set(keys) for f in features):
-        raise ValueError("all features must have the same keys")
+    keys = list(dict.fromkeys(k for f in features for k in f))
+    for key in keys:
+        present = [f[key] for f in features if key in f]
+        if len(present) < len(features) and not all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in present):
+            raise ValueError(f"all features must have the same keys ({key!r} is missing from some); only per-image "
+                             "tensors (processor outputs) may be absent from text-only examples")
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
@@ -242,8 +364,13 @@ def collate(features: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[st
     for key in keys:
         if key in _BASE_KEYS:
             continue
-        values = [f[key] for f in features]
-        if all(isinstance(v, torch.Tensor) for v in values):
+        values = [f[key] for f in features if key in f]
+        if all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
+            if len({tuple(v.shape[1:]) for v in values}) > 1:
+                raise ValueError(f"cannot collate key {key!r}: shapes {[tuple(v.shape) for v in values]} differ "
+                                 "beyond dim 0")
+            batch[key] = torch.cat(values)
+        elif all(isinstance(v, torch.Tensor) for v in values):
             batch[key] = torch.stack(values)
         elif all(isinstance(v, (bool, int)) for v in values):
             batch[key] = torch.tensor([int(v) for v in values], dtype=torch.long)

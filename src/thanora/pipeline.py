@@ -7,6 +7,10 @@ Run directory layout::
     DIR/run.json           versions, seed, timings, status ("running" until the run is complete)
     DIR/plots/*.png        figures
     DIR/<method>/          rank_plan.json (ThanoRA), checkpoints/, history.json, metrics.json, adapter/, merged/
+
+Vision-language models (a saved config with a ``vision_config``, e.g. LLaVA) load through
+``AutoModelForImageTextToText`` and their ``AutoProcessor``: image examples go through the processor in calibration,
+training and evaluation alike, and only the language model is adapted (``thanora.targets``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class RunState:
     tasks: list[TaskData]
     device: torch.device
     timings: dict[str, float]
+    processor: Any = None  # AutoProcessor of a vision-language model, None for text models
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -76,7 +81,8 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     cfg.save(out / "config.yaml")
     write_json(out / "run.json", run_record(cfg, "running", state.timings))
     state.tasks = stage("data", state, lambda: load_tasks(cfg, out))
-    tokenizer = load_tokenizer(cfg)
+    state.processor = load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, state.processor)
     metrics: dict[str, Any] = read_json(out / "metrics.json") if resume and (out / "metrics.json").is_file() else {}
     if cfg.output.evaluate_base and "base" not in metrics:
         model = load_model(cfg, state.device)
@@ -127,7 +133,8 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     accelerator = make_accelerator(cfg.train, cpu=state.device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     model = load_model(cfg, state.device)
-    calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device)[rank::world] for t in state.tasks}
+    calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device, state.processor)[rank::world]
+                   for t in state.tasks}
     ctx = MethodContext(
         tokenizer=tokenizer,
         calibration=calibration,
@@ -149,7 +156,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     if cfg.output.adapter and method.export is not None:
         method.export(model, out / "adapter")
     if cfg.output.merged and method.mergeable:
-        save_merged(model, out / "merged", tokenizer)
+        save_merged(model, out / "merged", state.processor or tokenizer)
     return metrics
 
 
@@ -166,7 +173,7 @@ def train_loader(state: RunState, tokenizer: Any, rank: int = 0, world: int = 1)
     features = [
         f
         for task_id, task in enumerate(state.tasks)
-        for f in encode_examples(task.train, task.config, tokenizer, cfg.data, task_id)
+        for f in encode_examples(task.train, task.config, tokenizer, cfg.data, task_id, state.processor)
     ]
     sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, cfg.data, cfg.seed)
 
@@ -183,7 +190,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, state: RunState, progress: 
         EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric, state.cfg.data.chat_template)
         for t in state.tasks
     ]
-    results = evaluate(model, tokenizer, tasks, state.cfg.eval, state.device, progress=progress)
+    results = evaluate(model, tokenizer, tasks, state.cfg.eval, state.device, progress=progress,
+                       processor=state.processor)
     return {**results, "average": average(results)}
 
 
@@ -194,22 +202,53 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(cfg: RunConfig) -> Any:
-    """The base model's tokenizer, with a pad token."""
-    from transformers import AutoTokenizer
+def is_vision_language(cfg: RunConfig) -> bool:
+    """Whether the base model is a vision-language model: its saved config has a ``vision_config`` (LLaVA & co.)."""
+    from transformers import AutoConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path(cfg)))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(str(model_path(cfg)))
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(cfg: RunConfig) -> Any:
+    """The ``AutoProcessor`` of a vision-language base model (with a pad token), or None for a text model."""
+    if not is_vision_language(cfg):
+        return None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_path(cfg)))
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_token", None) is None:
+        raise ValueError(f"model {cfg.model.name_or_path!r} is a vision-language model but its processor "
+                         f"({type(processor).__name__}) has no tokenizer or image_token")
+    _ensure_pad_token(processor.tokenizer)
+    return processor
+
+
+def load_tokenizer(cfg: RunConfig, processor: Any = None) -> Any:
+    """The base model's tokenizer, with a pad token: the processor's own for a vision-language model (so prompts
+    and answers share one tokenizer object), else ``AutoTokenizer``."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path(cfg)))
+    _ensure_pad_token(tokenizer)
     return tokenizer
 
 
-def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """A fresh copy of the base model on ``device`` in eval mode."""
-    from transformers import AutoModelForCausalLM
+def _ensure_pad_token(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
+
+def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """A fresh copy of the base model on ``device`` in eval mode: ``AutoModelForImageTextToText`` for a
+    vision-language model, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if is_vision_language(cfg) else AutoModelForCausalLM
     dtype = getattr(torch, cfg.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_path(cfg)), dtype=dtype)
+    model = auto.from_pretrained(str(model_path(cfg)), dtype=dtype)
     return model.to(device).eval()
 
 

@@ -1,4 +1,7 @@
-"""Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `merge`), each reading and writing run artifacts."""
+"""Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `merge`), each reading and writing run artifacts.
+
+Vision-language models are handled as in `thanora.pipeline`: their processor encodes image examples.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from thanora.allocation import RankPlan
 from thanora.config import ConfigError, RunConfig
 from thanora.data import build_task, calibration_batches
 from thanora.hasi_config import ThanoraConfig
-from thanora.pipeline import RunState, evaluate_model, load_model, load_tokenizer, resolve_device
+from thanora.pipeline import RunState, evaluate_model, load_model, load_processor, load_tokenizer, resolve_device
 from thanora.prepare import plan_ranks, task_spectra
 from thanora.targets import find_targets
 
@@ -26,13 +29,14 @@ def collect(cfg: RunConfig, out: Path) -> list[Path]:
     """Calibration statistics → task-aware spectra of every task, cached under ``out/cache`` (SPEC.md §1-2)."""
     settings = _thanora_settings(cfg)
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    model, processor = load_model(cfg, device), load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, processor)
     targets = find_targets(model, settings.target_modules)
     cache = Path(out) / "cache"
     for task_cfg in cfg.tasks:
         task = build_task(task_cfg, cfg.data.seed)
-        task_spectra(model, targets, task.name, calibration_batches(task, tokenizer, cfg.data, device), settings,
-                     cache_dir=cache)
+        batches = calibration_batches(task, tokenizer, cfg.data, device, processor)
+        task_spectra(model, targets, task.name, batches, settings, cache_dir=cache)
     return sorted(cache.glob("spectra-*.safetensors"))
 
 
@@ -40,13 +44,14 @@ def plan(cfg: RunConfig, out: Path) -> RankPlan:
     """The rank plan from the cached spectra (no forward pass when `collect` ran with the same settings)."""
     settings = _thanora_settings(cfg)
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    model, processor = load_model(cfg, device), load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, processor)
     targets = find_targets(model, settings.target_modules)
     spectra = {}
     for task_cfg in cfg.tasks:
         task = build_task(task_cfg, cfg.data.seed)
         spectra[task.name] = task_spectra(model, targets, task.name,
-                                          calibration_batches(task, tokenizer, cfg.data, device), settings,
+                                          calibration_batches(task, tokenizer, cfg.data, device, processor), settings,
                                           cache_dir=Path(out) / "cache")
     rank_plan = plan_ranks(spectra, settings)
     rank_plan.save(Path(out) / "rank_plan.json")
@@ -58,10 +63,11 @@ def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
     from peft import PeftModel
 
     device = resolve_device(cfg.model.device)
-    model, tokenizer = load_model(cfg, device), load_tokenizer(cfg)
+    model, processor = load_model(cfg, device), load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, processor)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    state = RunState(cfg, Path("."), [build_task(t, cfg.data.seed) for t in cfg.tasks], device, {})
+    state = RunState(cfg, Path("."), [build_task(t, cfg.data.seed) for t in cfg.tasks], device, {}, processor)
     return evaluate_model(model, tokenizer, state, progress=True)
 
 
@@ -75,5 +81,6 @@ def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
     merged = model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp))
-        load_tokenizer(cfg).save_pretrained(str(tmp))
+        processor = load_processor(cfg)
+        (processor or load_tokenizer(cfg)).save_pretrained(str(tmp))
     return Path(out)
