@@ -71,3 +71,41 @@ def test_ddp_training_equals_one_process_on_the_same_batches(launched: tuple[lis
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-3 * TRAIN_CONFIG.lr)
     rng = torch.load(out_dir / CHECKPOINTS / "step-2" / "rng.pt", weights_only=True)
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one RNG state per process
+
+
+def test_thanora_run_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """`thanora run` with 2 processes: one complete run directory, the same rank plan as a single process."""
+    import yaml
+
+    from test_cli import ANIMALS, COLORS, _task_file, _tiny_model_dir
+
+    model_dir = _tiny_model_dir(tmp_path)
+    tasks = [
+        {"name": "colors", "source": f"jsonl:{_task_file(tmp_path, 'colors', 'color', COLORS, 1)}"},
+        {"name": "animals", "source": f"jsonl:{_task_file(tmp_path, 'animals', 'animal', ANIMALS, 2)}"},
+    ]
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "tasks": [{**t, "n_train": 16, "n_eval": 8, "n_calibration": 8} for t in tasks],
+        "data": {"max_length": 32, "calibration_batch_size": 4},
+        "methods": [{"name": "thanora", "rank": 4, "stats_dtype": "float64"}],
+        "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-3},
+        "output": {"plots": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cli = ["-m", "thanora.cli", "run", str(path), "-q", "--no-progress", "--output-dir"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {
+        "one": [sys.executable, *cli, str(tmp_path / "one")],
+        "two": [sys.executable, *launcher, *cli, str(tmp_path / "two")],
+    }
+    for name, command in runs.items():
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert json.loads((two / "run.json").read_text())["status"] == "complete"
+    assert json.loads((two / "thanora" / "rank_plan.json").read_text()) == \
+        json.loads((one / "thanora" / "rank_plan.json").read_text())
+    assert (two / "thanora" / "adapter" / "adapter_config.json").is_file()

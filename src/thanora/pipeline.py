@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from torch import nn
 
 from thanora.artifacts import read_json, write_json
@@ -54,6 +55,7 @@ class RunState:
     device: torch.device
     timings: dict[str, float]
     processor: Any = None  # AutoProcessor of a vision-language model, None for text models
+    main: bool = True  # the main process (the only one that evaluates and writes files)
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -71,35 +73,48 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
-    """Everything: data → base metrics → per method (prepare, train, evaluate, export) → plots → report."""
+    """Everything: data → base metrics → per method (prepare, train, evaluate, export) → plots → report.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this; calibration and training are shared out,
+    while evaluation and every file write happen on the main process only.
+    """
     from thanora.report import console_table, write_report
 
     out = Path(out)
-    check_output_dir(out, overwrite, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    state = RunState(cfg, out, [], resolve_device(cfg.model.device), {})
-    cfg.save(out / "config.yaml")
-    write_json(out / "run.json", run_record(cfg, "running", state.timings))
-    state.tasks = stage("data", state, lambda: load_tasks(cfg, out))
+    dist = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
+    if dist.is_main_process:
+        check_output_dir(out, overwrite, resume)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.wait_for_everyone()
+    state = RunState(cfg, out, [], resolve_device(cfg.model.device), {}, main=dist.is_main_process)
+    if state.main:
+        cfg.save(out / "config.yaml")
+        write_json(out / "run.json", run_record(cfg, "running", state.timings))
+    state.tasks = stage("data", state, lambda: load_tasks(cfg, out, state.main))
     state.processor = load_processor(cfg)
     tokenizer = load_tokenizer(cfg, state.processor)
     metrics: dict[str, Any] = read_json(out / "metrics.json") if resume and (out / "metrics.json").is_file() else {}
     if cfg.output.evaluate_base and "base" not in metrics:
-        model = load_model(cfg, state.device)
-        metrics["base"] = stage("eval_base", state, lambda: evaluate_model(model, tokenizer, state, progress))
-        write_json(out / "metrics.json", metrics)
-        del model
+        if state.main:
+            model = load_model(cfg, state.device)
+            metrics["base"] = stage("eval_base", state, lambda: evaluate_model(model, tokenizer, state, progress))
+            write_json(out / "metrics.json", metrics)
+            del model
+        dist.wait_for_everyone()
     for spec in cfg.methods:
         if spec.name in metrics:
             logger.info("method %s already complete, skipping (resume)", spec.name)
             continue
         metrics[spec.name] = stage(spec.name, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
-        write_json(out / "metrics.json", metrics)
-    if cfg.output.plots:
-        stage("plots", state, lambda: plot_run(out))
-    write_json(out / "run.json", run_record(cfg, "complete", state.timings))
-    write_report(out)
-    print(console_table(metrics))
+        if state.main:
+            write_json(out / "metrics.json", metrics)
+    if state.main:
+        if cfg.output.plots:
+            stage("plots", state, lambda: plot_run(out))
+        write_json(out / "run.json", run_record(cfg, "complete", state.timings))
+        write_report(out)
+        print(console_table(metrics))
+    dist.wait_for_everyone()
     return metrics
 
 
@@ -109,15 +124,17 @@ def stage(name: str, state: RunState, fn: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     result = fn()
     state.timings[name] = round(time.perf_counter() - start, 2)
-    write_json(state.out / "run.json", run_record(state.cfg, "running", state.timings))
+    if state.main:
+        write_json(state.out / "run.json", run_record(state.cfg, "running", state.timings))
     logger.info("stage %s done in %.1f s", name, state.timings[name])
     return result
 
 
-def load_tasks(cfg: RunConfig, out: Path) -> list[TaskData]:
+def load_tasks(cfg: RunConfig, out: Path, write: bool = True) -> list[TaskData]:
     """Build every task's splits and record them in ``data.json``."""
     tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
-    write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
+    if write:
+        write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
     return tasks
 
 
@@ -135,6 +152,10 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     model = load_model(cfg, state.device)
     calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device, state.processor)[rank::world]
                    for t in state.tasks}
+    short = [name for name, batches in calibration.items() if not batches]
+    if short:
+        raise ValueError(f"tasks {short}: fewer calibration batches than the {world} processes; raise n_calibration "
+                         "or lower data.calibration_batch_size")
     ctx = MethodContext(
         tokenizer=tokenizer,
         calibration=calibration,
@@ -145,10 +166,14 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
         calibration_key=json.dumps([t.fingerprint for t in state.tasks], sort_keys=True),
     )
     model = method.prepare(model, settings, ctx)
-    write_description(method, model, out)
+    if state.main:
+        write_description(method, model, out)
     loader_factory = train_loader(state, tokenizer, rank, world)
     result = train(model, method, settings, loader_factory, cfg.train, accelerator, out_dir=out, resume=resume,
-                   progress=progress)
+                   progress=progress and state.main)
+    if not state.main:
+        PartialState().wait_for_everyone()
+        return {}
     write_json(out / "history.json", result.history)
     write_description(method, model, out)
     metrics = evaluate_model(model, tokenizer, state, progress)
@@ -157,6 +182,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
         method.export(model, out / "adapter")
     if cfg.output.merged and method.mergeable:
         save_merged(model, out / "merged", state.processor or tokenizer)
+    PartialState().wait_for_everyone()
     return metrics
 
 
