@@ -72,10 +72,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root, path
 
 
-def test_run_writes_the_full_run_directory(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def run_dir(setup: tuple[Path, Path]) -> Path:
     root, config = setup
     out = root / "run"
     assert main(["run", str(config), "--output-dir", str(out), "--no-progress", "-q"]) == 0
+    return out
+
+
+def test_run_writes_the_full_run_directory(run_dir: Path) -> None:
+    out = run_dir
     for name in ("config.yaml", "data.json", "metrics.json", "report.md", "run.json",
                  "thanora/rank_plan.json", "thanora/overlap.json", "thanora/history.json",
                  "thanora/adapter/adapter_config.json", "thanora/adapter/thanora_adapter.json",
@@ -90,8 +96,29 @@ def test_run_writes_the_full_run_directory(setup: tuple[Path, Path], capsys: pyt
     for method in metrics.values():
         assert set(method) == {"colors", "animals", "average"}
         assert 0.0 <= method["average"] <= 1.0
-    printed = capsys.readouterr().out
-    assert "thanora" in printed and "base" in printed
+    assert "| thanora |" in (out / "report.md").read_text()
+
+
+def test_export_rebuilds_the_run_adapter_from_its_checkpoint(run_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "thanora" / "adapter" / "adapter_model.safetensors"))
+    assert main(["export", str(run_dir), "--method", "thanora", "-q"]) == 0
+    rebuilt = load_file(str(run_dir / "thanora" / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == rebuilt.keys()
+    for key in saved:
+        assert (saved[key] - rebuilt[key]).abs().max() < 1e-6, key
+    assert main(["export", str(run_dir), "--method", "dora", "-q"]) == 2
+
+
+def test_train_subcommand_trains_without_evaluating(setup: tuple[Path, Path]) -> None:
+    root, config = setup
+    out = root / "train-only"
+    assert main(["train", str(config), "--output-dir", str(out), "--no-progress", "-q", "--output.merged=false"]) == 0
+    assert (out / "thanora" / "adapter" / "adapter_config.json").is_file()
+    assert (out / "thanora" / "checkpoints" / "latest").is_file()
+    assert not (out / "thanora" / "metrics.json").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
 def test_occupied_output_dir_is_refused(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
+    p = with_config("train", "Prepare and train every method (checkpoints, history, adapters); no evaluation.")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="Write a trained method's PEFT adapter (and merged model) from its checkpoint.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--method", required=True, help="method name in the run's config")
+    p.add_argument("--merged", action="store_true", help="also save a merged transformers model folder")
+    p.set_defaults(func=_export)
+
     p = with_config("collect", "Calibration statistics and task-aware spectra of every task (cached on disk).")
     p.set_defaults(func=_collect)
     p = with_config("plan", "Rank plan from the cached spectra (no forward pass): rank_plan.json + summary.")
@@ -103,6 +115,24 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     run(cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     print(f"run complete: {args.output_dir}/report.md")
+    return 0
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.config import load_config
+    from thanora.pipeline import run
+
+    overrides = [*overrides, "output.evaluate_base=false", "output.evaluate=false"]
+    run(load_config(args.config, overrides), args.output_dir, overwrite=args.overwrite, resume=args.resume,
+        progress=not args.no_progress)
+    print(f"trained: {args.output_dir}")
+    return 0
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from thanora.stages import export_trained
+
+    print(export_trained(args.run_dir, args.method, merged=args.merged))
     return 0
 
 

@@ -67,12 +67,14 @@ class OutputConfig:
         merged: also save a merged transformers model folder per method.
         plots: render the PNG figures.
         evaluate_base: evaluate the base model zero-shot (shown in every report).
+        evaluate: evaluate every trained method (``thanora train`` turns it off).
     """
 
     adapter: bool = True
     merged: bool = False
     plots: bool = True
     evaluate_base: bool = True
+    evaluate: bool = True
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,9 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
         if spec.name in metrics:
             logger.info("method %s already complete, skipping (resume)", spec.name)
             continue
-        metrics[spec.name] = stage(spec.name, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
+        result = stage(spec.name, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
+        if result:
+            metrics[spec.name] = result
         if state.main:
             write_json(out / "metrics.json", metrics)
     if state.main:
@@ -176,8 +178,9 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
         return {}
     write_json(out / "history.json", result.history)
     write_description(method, model, out)
-    metrics = evaluate_model(model, tokenizer, state, progress)
-    write_json(out / "metrics.json", metrics)
+    metrics = evaluate_model(model, tokenizer, state, progress) if cfg.output.evaluate else {}
+    if metrics:
+        write_json(out / "metrics.json", metrics)
     if cfg.output.adapter and method.export is not None:
         method.export(model, out / "adapter")
     if cfg.output.merged and method.mergeable:

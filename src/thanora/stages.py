@@ -1,4 +1,4 @@
-"""Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `merge`), each reading and writing run artifacts.
+"""Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `export`, `merge`), each reading and writing run artifacts.
 
 Vision-language models are handled as in `thanora.pipeline`: their processor encodes image examples.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from thanora.allocation import RankPlan
 from thanora.config import ConfigError, RunConfig
@@ -84,3 +86,56 @@ def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
         processor = load_processor(cfg)
         (processor or load_tokenizer(cfg)).save_pretrained(str(tmp))
     return Path(out)
+
+
+def export_trained(run_dir: Path, method_name: str, merged: bool = False) -> Path:
+    """Rebuild a run's method from its config and latest checkpoint, and write its PEFT adapter (and merged model).
+
+    ThanoRA reuses the run's cached spectra (no calibration forward pass when they match). Useful after `thanora
+    train`, after an interrupted run, or to add a merged model later.
+
+    Raises:
+        FileNotFoundError: the run has no resolved config or no checkpoint for the method.
+        ValueError: the method is not in the run's config or cannot be exported.
+    """
+    import json
+
+    from thanora.artifacts import load_tensors
+    from thanora.config import load_config
+    from thanora.merge import save_merged
+    from thanora.methods import MethodContext, get_method
+    from thanora.train import CHECKPOINTS, LATEST
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    spec = next((m for m in cfg.methods if m.name == method_name), None)
+    if spec is None:
+        raise ValueError(f"method {method_name!r} is not in {run_dir}/config.yaml (methods: "
+                         f"{[m.name for m in cfg.methods]})")
+    method, settings = get_method(method_name), spec.build()
+    if method.export is None:
+        raise ValueError(f"method {method_name!r} cannot be exported as a PEFT adapter (input-dependent routing)")
+    pointer = run_dir / method_name / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        raise FileNotFoundError(f"{pointer} does not exist: train the method first (thanora train / run)")
+    device = resolve_device(cfg.model.device)
+    processor = load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, processor)
+    tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
+    ctx = MethodContext(
+        tokenizer=tokenizer,
+        calibration={t.name: calibration_batches(t, tokenizer, cfg.data, device, processor) for t in tasks},
+        cache_dir=run_dir / "cache",
+        calibration_key=json.dumps([t.fingerprint for t in tasks], sort_keys=True),
+    )
+    model = method.prepare(load_model(cfg, device), settings, ctx)
+    tensors, _ = load_tensors(pointer.parent / pointer.read_text(encoding="utf-8").strip() / "adapter.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    out = run_dir / method_name / "adapter"
+    method.export(model, out)
+    if merged:
+        save_merged(model, run_dir / method_name / "merged", processor or tokenizer)
+    return out
