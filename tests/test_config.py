@@ -68,3 +68,24 @@ def test_missing_file_and_bad_override(tmp_path: Path) -> None:
         load_config(_write(tmp_path, BASE), ["train.lr"])
     with pytest.raises(ConfigError, match="no list item"):
         load_config(_write(tmp_path, BASE), ["methods.dora.rank=4"])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.tasks and cfg.methods
+    assert len({m.label for m in cfg.methods}) == len(cfg.methods)
+
+
+def test_repeated_method_needs_a_label() -> None:
+    methods = [{"name": "thanora", "rank": 8}, {"name": "thanora", "rank": 8, "spr_lambda": 0.0}]
+    with pytest.raises(ConfigError, match="label"):
+        config_from_dict({**BASE, "methods": methods})
+    methods[1]["label"] = "hasi_only"
+    cfg = config_from_dict({**BASE, "methods": methods})
+    assert [m.label for m in cfg.methods] == ["thanora", "hasi_only"]
+    assert load_config_roundtrip(cfg) == cfg.to_dict()
+
+
+def load_config_roundtrip(cfg) -> dict:
+    return config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))).to_dict()

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="Write a trained method's PEFT adapter (and merged model) from its checkpoint.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--method", required=True, help="method name in the run's config")
+    p.add_argument("--method", required=True, help="method label (default: its name) in the run's config")
     p.add_argument("--merged", action="store_true", help="also save a merged transformers model folder")
     p.set_defaults(func=_export)
 

@@ -43,10 +43,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method to train: its registered name plus its settings (fields of the method's config class)."""
+    """One method to train: its registered name, its settings (fields of the method's config class) and a label.
+
+    The label (default: the name) names the run folder and the metrics row, so one method can appear several
+    times with other settings, e.g. ``{name: thanora, label: hasi_only, spr_lambda: 0}``.
+    """
 
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", self.label or self.name)
+        if not self.label.isidentifier():
+            raise ConfigError(f"methods[{self.label}].label must be an identifier, got {self.label!r}")
 
     def build(self) -> Any:
         """The method's validated config object."""
@@ -55,7 +65,7 @@ class MethodSpec:
             return method.config_cls(**self.settings)
         except TypeError as err:
             valid = [f.name for f in dataclasses.fields(method.config_cls)]
-            raise ConfigError(f"methods[{self.name}]: {err}; valid keys: {valid}") from err
+            raise ConfigError(f"methods[{self.label}]: {err}; valid keys: {valid}") from err
 
 
 @dataclass(frozen=True)
@@ -98,16 +108,16 @@ class RunConfig:
             raise ConfigError(f"tasks: task names must be unique, got {names}")
         if not self.methods:
             raise ConfigError("methods: at least one method is required (e.g. `- name: thanora`)")
-        labels = [m.name for m in self.methods]
+        labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels):
-            raise ConfigError(f"methods: each method may appear once, got {labels}")
+            raise ConfigError(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
         for spec in self.methods:
             spec.build()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (the resolved ``config.yaml``)."""
         out = _plain(self)
-        out["methods"] = [{"name": m.name, **_plain(m.build())} for m in self.methods]
+        out["methods"] = [{"name": m.name, "label": m.label, **_plain(m.build())} for m in self.methods]
         return out
 
     def save(self, path: str | Path) -> None:
@@ -150,11 +160,12 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if "name" not in item:
             raise ConfigError(f"methods[{i}]: missing `name`")
         name = item.pop("name")
+        label = str(item.pop("label", "") or "")
         try:
             get_method(name)
         except ValueError as err:
             raise ConfigError(f"methods[{i}].name: {err}") from err
-        specs.append(MethodSpec(name, item))
+        specs.append(MethodSpec(name, item, label))
     data["methods"] = specs
     try:
         return _build(RunConfig, data, "")
@@ -236,7 +247,7 @@ def _list_index(items: list[Any], part: str, key: str) -> int:
         if item == part:
             items[i] = {"name": part}
             return i
-        if isinstance(item, dict) and item.get("name") == part:
+        if isinstance(item, dict) and part in (item.get("label"), item.get("name")):
             return i
     raise ConfigError(f"override {key!r}: no list item {part!r}")
 
@@ -244,7 +255,7 @@ def _list_index(items: list[Any], part: str, key: str) -> int:
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if isinstance(obj, MethodSpec):
-            return {"name": obj.name, **obj.settings}
+            return {"name": obj.name, "label": obj.label, **obj.settings}
         out = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         return out
     if isinstance(obj, tuple | list):

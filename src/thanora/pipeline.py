@@ -102,12 +102,12 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
             del model
         dist.wait_for_everyone()
     for spec in cfg.methods:
-        if spec.name in metrics:
-            logger.info("method %s already complete, skipping (resume)", spec.name)
+        if spec.label in metrics:
+            logger.info("method %s already complete, skipping (resume)", spec.label)
             continue
-        result = stage(spec.name, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
+        result = stage(spec.label, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
         if result:
-            metrics[spec.name] = result
+            metrics[spec.label] = result
         if state.main:
             write_json(out / "metrics.json", metrics)
     if state.main:
@@ -147,7 +147,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     are summed across processes, so they equal a single-process run) and of every training batch list.
     """
     cfg, method, settings = state.cfg, get_method(spec.name), spec.build()
-    out = state.out / spec.name
+    out = state.out / spec.label
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.train, cpu=state.device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -88,7 +88,7 @@ def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
     return Path(out)
 
 
-def export_trained(run_dir: Path, method_name: str, merged: bool = False) -> Path:
+def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     """Rebuild a run's method from its config and latest checkpoint, and write its PEFT adapter (and merged model).
 
     ThanoRA reuses the run's cached spectra (no calibration forward pass when they match). Useful after `thanora
@@ -108,14 +108,14 @@ def export_trained(run_dir: Path, method_name: str, merged: bool = False) -> Pat
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    spec = next((m for m in cfg.methods if m.name == method_name), None)
+    spec = next((m for m in cfg.methods if m.label == label), None)
     if spec is None:
-        raise ValueError(f"method {method_name!r} is not in {run_dir}/config.yaml (methods: "
-                         f"{[m.name for m in cfg.methods]})")
-    method, settings = get_method(method_name), spec.build()
+        raise ValueError(f"method {label!r} is not in {run_dir}/config.yaml (methods: "
+                         f"{[m.label for m in cfg.methods]})")
+    method, settings = get_method(spec.name), spec.build()
     if method.export is None:
-        raise ValueError(f"method {method_name!r} cannot be exported as a PEFT adapter (input-dependent routing)")
-    pointer = run_dir / method_name / CHECKPOINTS / LATEST
+        raise ValueError(f"method {label!r} cannot be exported as a PEFT adapter (input-dependent routing)")
+    pointer = run_dir / label / CHECKPOINTS / LATEST
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer} does not exist: train the method first (thanora train / run)")
     device = resolve_device(cfg.model.device)
@@ -134,8 +134,8 @@ def export_trained(run_dir: Path, method_name: str, merged: bool = False) -> Pat
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    out = run_dir / method_name / "adapter"
+    out = run_dir / label / "adapter"
     method.export(model, out)
     if merged:
-        save_merged(model, run_dir / method_name / "merged", processor or tokenizer)
+        save_merged(model, run_dir / label / "merged", processor or tokenizer)
     return out
