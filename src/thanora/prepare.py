@@ -64,6 +64,10 @@ def prepare_model(
     """
     config = config or ThanoraConfig()
     _check_tasks(calibration)
+    if config.residual and config.lora_dropout > 0:
+        logger.warning("lora_dropout=%g with the residual base: dropout on the task blocks (gamma=%g x the top "
+                       "components of W) perturbs the training forward heavily; lora_dropout=0 is recommended",
+                       config.lora_dropout, config.gamma)
     targets = find_targets(model, config.target_modules)
     _check_rank(targets, config)
     spectra = {
