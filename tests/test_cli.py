@@ -143,3 +143,25 @@ def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "thanora" in out and "lora" in out
+
+
+def test_resume_continues_an_interrupted_run(run_dir: Path, tmp_path: Path) -> None:
+    """A run that stopped after training thanora but before recording it: --resume keeps base and lora, resumes
+    thanora from its last checkpoint (no new step), and reproduces the same metrics."""
+    import shutil
+
+    copy = tmp_path / "interrupted"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    expected = metrics.pop("thanora")
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    run = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**run, "status": "running"}))
+    history = json.loads((copy / "thanora" / "history.json").read_text())
+    assert main(["run", str(copy / "config.yaml"), "--output-dir", str(copy), "--resume", "--no-progress", "-q"]) == 0
+    resumed = json.loads((copy / "metrics.json").read_text())
+    assert resumed["base"] == metrics["base"] and resumed["lora"] == metrics["lora"]
+    for task in ("colors", "animals"):
+        assert resumed["thanora"][task]["score"] == pytest.approx(expected[task]["score"])
+    assert json.loads((copy / "thanora" / "history.json").read_text()) == history
+    assert json.loads((copy / "run.json").read_text())["status"] == "complete"
