@@ -449,12 +449,12 @@ def split_fingerprint(splits: Mapping[str, Sequence[Example]], seed: int | None 
         seed: The seed used, recorded as is.
 
     Returns:
-        ``{"seed": seed, "sizes": {name: n}, "sha256": {name: hex}}``; examples without a uid hash their prompt.
+        ``{"seed": seed, "sizes": {name: n}, "sha256": {name: hex}}``; each example hashes its uid and prompt.
     """
     digests = {}
     for key, items in splits.items():
         h = hashlib.sha256()
         for ex in items:
-            h.update((ex.uid or ex.prompt).encode("utf-8") + b"\n")
+            h.update(f"{ex.uid}\t{ex.prompt}".encode() + b"\n")  # content, not only the row index
         digests[key] = h.hexdigest()
     return {"seed": seed, "sizes": {k: len(v) for k, v in splits.items()}, "sha256": digests}
