@@ -165,3 +165,12 @@ def test_resume_continues_an_interrupted_run(run_dir: Path, tmp_path: Path) -> N
         assert resumed["thanora"][task]["score"] == pytest.approx(expected[task]["score"])
     assert json.loads((copy / "thanora" / "history.json").read_text()) == history
     assert json.loads((copy / "run.json").read_text())["status"] == "complete"
+
+
+def test_missing_model_folder_exit_2_before_touching_the_output(setup: tuple[Path, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    root, config = setup
+    out = root / "no-model"
+    assert main(["run", str(config), "--output-dir", str(out), "--model.name_or_path=/nonexistent/model", "-q"]) == 2
+    assert "model.name_or_path" in capsys.readouterr().err
+    assert not out.exists()

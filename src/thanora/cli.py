@@ -40,7 +40,8 @@ def _is_user_error(err: Exception) -> bool:
     from thanora.pipeline import RunDirError
     from thanora.train import NonFiniteLossError
 
-    return isinstance(err, ValueError | FileNotFoundError | AssetMissingError | RunDirError | NonFiniteLossError)
+    # OSError: transformers' loaders report unknown Hub ids / unreachable Hub this way.
+    return isinstance(err, ValueError | OSError | AssetMissingError | RunDirError | NonFiniteLossError)
 
 
 def build_parser() -> argparse.ArgumentParser:

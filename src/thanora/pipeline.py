@@ -81,6 +81,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     from thanora.report import console_table, write_report
 
     out = Path(out)
+    model_path(cfg)  # a missing model folder fails before the run directory is touched
     dist = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
     if dist.is_main_process:
         check_output_dir(out, overwrite, resume)
@@ -282,12 +283,21 @@ def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
 
 
 def model_path(cfg: RunConfig) -> str | Path:
-    """``smollm2`` → the converted offline asset folder; anything else as given."""
-    if cfg.model.name_or_path == "smollm2":
+    """``smollm2`` → the converted offline asset folder; a local folder as given; anything else is a Hub id.
+
+    Raises:
+        FileNotFoundError: a local path (absolute, ``./``, ``~``) that does not exist.
+    """
+    name = cfg.model.name_or_path
+    if name == "smollm2":
         from thanora.assets import smollm2_dir
 
         return smollm2_dir()
-    return cfg.model.name_or_path
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not path.is_dir():
+        raise FileNotFoundError(f"model.name_or_path {name!r} does not exist; give a model folder, 'smollm2' (the "
+                                "offline SmolLM2 asset) or a Hugging Face Hub id")
+    return path if path.is_dir() else name
 
 
 def run_record(cfg: RunConfig, status: str, timings: dict[str, float]) -> dict[str, Any]:
