@@ -76,6 +76,21 @@ def llava_batch(seed: int, batch: int = 2, text_len: int = 6) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Simulate training: move every lora_A and lora_B by noise of their own scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits without gradients."""
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 @pytest.fixture
 def llama() -> LlamaForCausalLM:
     return tiny_llama()

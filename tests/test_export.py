@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import thanora
-from conftest import llava_batch, random_batch, tiny_gpt2, tiny_llama, tiny_llava
+from conftest import llava_batch, logits, perturb_, random_batch, tiny_gpt2, tiny_llama, tiny_llava
 from thanora.allocation import COOP, RankPlan
 from thanora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
 
@@ -29,18 +29,6 @@ def prepared(builder, batch_fn, residual: bool = True):
     return model
 
 
-def perturb_(model, seed: int) -> None:
-    """Simulate training: move every lora_A and lora_B by noise of their own scale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def load_stock(builder, folder: Path) -> PeftModel:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import thanora
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from conftest import logits, perturb_, random_batch, tiny_gpt2, tiny_llama
 from thanora.layers import lora_factors, lora_layer
 from thanora.targets import weight_matrix
 
@@ -24,18 +24,6 @@ def prepared(builder):
     return model
 
 
-def perturb_(model, seed: int) -> None:
-    """Simulate training: move every lora_A and lora_B by noise of their own scale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
-
-
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:
