@@ -183,7 +183,7 @@ def run_job(job: Job) -> dict[str, Any]:
     return {"label": job.label, "method": job.method, "tasks": list(job.tasks), "wall_s": wall, "cpu_s": cpu,
             "stages_s": dict(stages), "peak_rss_delta_mb": rss.peak_delta_mb, "rss_before_mb": rss.baseline_mb,
             "cuda_peak_alloc_delta_mb": cuda_peak, "max_abs_dlogits": delta, "torch_threads": torch.get_num_threads(),
-            "attr_shim": shimmed}
+            "attr_shim": shimmed, "load_avg_1m": os.getloadavg()[0]}
 
 
 def run_isolated(job: Job) -> dict[str, Any]:
@@ -263,15 +263,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {job.label: [] for job in jobs}
         for rep in range(args.repeats):
             for job in jobs:
-                result = run_isolated(job)
-                runs[job.label].append(result)
-                r = result
+                r = run_isolated(job)
+                runs[job.label].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {job.label}: {r['wall_s']:.1f} s ({r['cpu_s']:.0f} CPU s), "
                       f"RSS +{r['peak_rss_delta_mb']:.0f} MB, max|Δlogits| {r['max_abs_dlogits']:.1e}",
                       file=sys.stderr, flush=True)
     summary = {label: summarise(r) for label, r in runs.items()}
-    t2 = summary.get("thanora T=2")
-    target = None if t2 is None else t2["wall_s"]["median"] <= summary["peft-corda T=1"]["wall_s"]["median"]
+    t2, ref = summary.get("thanora T=2"), summary["peft-corda T=1"]
+    target = None if t2 is None else {k: t2["wall_s"][k] <= ref["wall_s"][k] for k in ("median", "min")}
     notes = [*NOTES]
     if any(r["attr_shim"] for r in runs["peft-corda T=1"]):
         notes.append("peft 0.21.2's corda.py imports `attr` (the attrs package), which peft does not declare and "
@@ -279,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "dataclasses.dataclass for that import (nothing installed).")
     md = table(summary, args.repeats)
     tokens = {t: sum(map(len, f)) for t, f in calibration.items()}
-    verdict = "n/a" if target is None else ("met" if target else "NOT met")
+    verdict = "n/a" if target is None else ", ".join(f"{'met' if ok else 'NOT met'} on the {k} over repeats"
+                                                     for k, ok in target.items())
     text = (f"# Initialisation cost (SmolLM2-135M-Instruct, rank {args.rank}, {len(PROJECTIONS)} projection types, "
             f"{args.samples} samples/task, svd={args.svd}, device {device}, "
             f"{torch.get_num_threads()} torch threads)\n\n{md}\n\n"
