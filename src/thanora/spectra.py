@@ -147,9 +147,9 @@ def _top_svd(M: torch.Tensor, rank: int, cfg: ThanoraConfig) -> tuple[torch.Tens
     if cfg.svd == "randomized":
         q = min(rank + cfg.svd_oversample, *M.shape)
         U, S, V = torch.svd_lowrank(M, q=q, niter=cfg.svd_power_iters)
-        return U[:, :rank], S[:rank], V[:, :rank]
+        return U[:, :rank].clone(), S[:rank].clone(), V[:, :rank].clone()  # no view pinning the full U
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :rank], S[:rank], Vh[:rank].T
+    return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].T.clone()  # no view pinning the full U
 
 
 def decompose_task(
