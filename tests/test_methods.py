@@ -24,13 +24,15 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert isinstance(method, Method) and method.name == name
     assert [f.name for f in dataclasses.fields(Method)] == [
         "name", "paper", "config_cls", "mergeable", "task_id_at_train", "task_id_at_test", "prepare", "regularizer",
-        "export", "save", "describe",
+        "export", "save", "load", "param_count", "describe", "finalize", "stratified_batches",
     ]
     assert isinstance(method.paper, str) and "arXiv" in method.paper
     assert dataclasses.is_dataclass(method.config_cls)
     method.config_cls()  # default-constructible: YAML may give only the name
     assert all(isinstance(getattr(method, f), bool) for f in ("mergeable", "task_id_at_train", "task_id_at_test"))
-    assert callable(method.prepare) and callable(method.save)
+    assert callable(method.prepare) and callable(method.save) and callable(method.load)
+    assert callable(method.param_count) and isinstance(method.stratified_batches, bool)
+    assert method.finalize is None or callable(method.finalize)
     assert method.regularizer is None or callable(method.regularizer)
     assert method.export is None or callable(method.export)
     assert method.describe is None or callable(method.describe)

@@ -73,7 +73,8 @@ class OutputConfig:
     """What a run writes besides metrics.
 
     Attributes:
-        adapter: export a PEFT adapter per method (mergeable methods only).
+        adapter: write ``<method>/adapter``: a stock PEFT adapter (exportable methods) or the method's own reloadable
+            format (routed methods: HydraLoRA, mtLoRA; see `thanora.native`).
         merged: also save a merged transformers model folder per method.
         plots: render the PNG figures.
         evaluate_base: evaluate the base model zero-shot (shown in every report).

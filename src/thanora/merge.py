@@ -67,3 +67,17 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         if not was_merged:
             unmerge_(model)
     return Path(out_dir)
+
+
+def merge_adapter_into(base: nn.Module, adapter_dir: str | Path, out_dir: str | Path, tokenizer=None) -> Path:
+    """Load the stock PEFT adapter ``adapter_dir`` on the original ``base``, merge it and save a transformers folder.
+
+    The route every mergeable method shares for its merged model: the exported adapter is the single source of truth,
+    so the merged folder is exactly what PEFT's own ``merge_and_unload`` makes of it.
+    """
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out_dir)

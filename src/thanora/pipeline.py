@@ -15,6 +15,7 @@ training and evaluation alike, and only the language model is adapted (``thanora
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -33,7 +34,7 @@ from thanora.config import MethodSpec, RunConfig
 from thanora.data import MixtureSampler, TaskData, build_task, calibration_batches, encode_examples
 from thanora.evaluate import EvalTask, average, evaluate
 from thanora.formats import collate
-from thanora.merge import save_merged
+from thanora.merge import merge_adapter_into
 from thanora.methods import Method, MethodContext, get_method
 from thanora.plots import plot_run
 from thanora.train import make_accelerator, train
@@ -171,23 +172,32 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     model = method.prepare(model, settings, ctx)
     if state.main:
         write_description(method, model, out)
-    loader_factory = train_loader(state, tokenizer, rank, world)
+    loader_factory = train_loader(state, tokenizer, rank, world, stratified=method.stratified_batches)
     result = train(model, method, settings, loader_factory, cfg.train, accelerator, out_dir=out, resume=resume,
                    progress=progress and state.main)
     if not state.main:
         PartialState().wait_for_everyone()
         return {}
     write_json(out / "history.json", result.history)
+    if method.finalize is not None:
+        model = method.finalize(model, settings)
     write_description(method, model, out)
     metrics = evaluate_model(model, tokenizer, state, progress) if cfg.output.evaluate else {}
     if metrics:
         write_json(out / "metrics.json", metrics)
-    if cfg.output.adapter and method.export is not None:
-        method.export(model, out / "adapter")
+    if cfg.output.adapter or cfg.output.merged:
+        export_or_save(method, model, out)
     if cfg.output.merged and method.mergeable:
-        save_merged(model, out / "merged", state.processor or tokenizer)
+        merge_adapter_into(load_model(cfg, torch.device("cpu")), out / "adapter", out / "merged",
+                           state.processor or tokenizer)
     PartialState().wait_for_everyone()
     return metrics
+
+
+def export_or_save(method: Method, model: nn.Module, out: Path) -> None:
+    """``out/adapter``: the stock PEFT adapter of an exportable method, else the method's own reloadable format
+    (routed methods, see `thanora.native`)."""
+    (method.export or method.save)(model, out / "adapter")
 
 
 def write_description(method: Method, model: nn.Module, out: Path) -> None:
@@ -197,15 +207,20 @@ def write_description(method: Method, model: nn.Module, out: Path) -> None:
             write_json(out / name, content)
 
 
-def train_loader(state: RunState, tokenizer: Any, rank: int = 0, world: int = 1) -> Callable[[int], list[dict]]:
-    """A loader factory ``epoch -> batches`` over the task mixture (this process's share of every batch)."""
+def train_loader(state: RunState, tokenizer: Any, rank: int = 0, world: int = 1,
+                 stratified: bool = False) -> Callable[[int], list[dict]]:
+    """A loader factory ``epoch -> batches`` over the task mixture (this process's share of every batch);
+    ``stratified`` forces task-stratified batches (methods with ``stratified_batches``)."""
     cfg = state.cfg
+    data = dataclasses.replace(cfg.data, stratified=True) if stratified and not cfg.data.stratified else cfg.data
+    if data is not cfg.data:
+        logger.info("task-stratified batches for this method (data.stratified switched on)")
     features = [
         f
         for task_id, task in enumerate(state.tasks)
         for f in encode_examples(task.train, task.config, tokenizer, cfg.data, task_id, state.processor)
     ]
-    sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, cfg.data, cfg.seed)
+    sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, data, cfg.seed)
 
     def factory(epoch: int) -> list[dict[str, torch.Tensor]]:
         return [collate([features[i] for i in batch[rank::world]], tokenizer.pad_token_id)

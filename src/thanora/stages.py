@@ -75,17 +75,10 @@ def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
 
 def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
     """Merge an exported (converted) adapter into the original base model and save a transformers folder."""
-    from peft import PeftModel
+    from thanora.merge import merge_adapter_into
 
-    from thanora.artifacts import atomic_dir
-
-    model = PeftModel.from_pretrained(load_model(cfg, resolve_device("cpu")), str(adapter))
-    merged = model.merge_and_unload()
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(str(tmp))
-        processor = load_processor(cfg)
-        (processor or load_tokenizer(cfg)).save_pretrained(str(tmp))
-    return Path(out)
+    processor = load_processor(cfg)
+    return merge_adapter_into(load_model(cfg, resolve_device("cpu")), adapter, out, processor or load_tokenizer(cfg))
 
 
 def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
@@ -102,7 +95,7 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
 
     from thanora.artifacts import load_tensors
     from thanora.config import load_config
-    from thanora.merge import save_merged
+    from thanora.merge import merge_adapter_into
     from thanora.methods import MethodContext, get_method
     from thanora.train import CHECKPOINTS, LATEST
 
@@ -134,8 +127,11 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
+    if method.finalize is not None:
+        model = method.finalize(model, settings)
     out = run_dir / label / "adapter"
     method.export(model, out)
-    if merged:
-        save_merged(model, run_dir / label / "merged", processor or tokenizer)
+    if merged and method.mergeable:
+        merge_adapter_into(load_model(cfg, resolve_device("cpu")), out, run_dir / label / "merged",
+                           processor or tokenizer)
     return out

@@ -246,7 +246,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
                 if batch is None:
                     raise RuntimeError(f"epoch {epoch} ran out of batches at step {step}: fewer than len(loader)")
                 batch = send_to_device(batch, accelerator.device)
-                inputs = {k: v for k, v in batch.items() if k != "task_id"}
+                inputs = batch if method.task_id_at_train else {k: v for k, v in batch.items() if k != "task_id"}
                 with nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped):
                     loss = wrapped(**inputs).loss
                     if loss is None:

@@ -3,8 +3,13 @@
 There is no base class and no registration at import: a method is added by writing ``methods/<name>.py`` with one
 `Method` value and listing it in `METHODS` below. The pipeline only ever calls the fields of a `Method`:
 ``prepare`` turns the base model into the trainable one, ``regularizer`` (if any) adds its λ-weighted term to every
-micro-batch's task loss in `thanora.train.train`, ``export`` writes a stock PEFT adapter and ``save`` the method's own
-reloadable format.
+micro-batch's task loss in `thanora.train.train`, ``finalize`` (if any) turns the trained model into the one that is
+evaluated (DARE's merge of its task adapters), ``export`` writes a stock PEFT adapter, ``save`` / ``load`` the
+method's own reloadable format and ``param_count`` its trainable parameter count.
+
+Task ids: a method with ``task_id_at_train`` receives the batch's ``task_id`` (LongTensor (B,)) as a keyword of the
+model's forward during training; its ``prepare`` consumes it with `consume_task_ids` (a forward pre-hook that pops
+the keyword, so the transformers model never sees it). At evaluation no ``task_id`` is passed.
 """
 
 from __future__ import annotations
@@ -59,8 +64,14 @@ class Method:
         regularizer: ``(model, settings, batch) -> λ-weighted extra loss`` (a scalar tensor), or ``None``.
         export: ``(model, folder)`` writing a stock PEFT adapter on the original base; ``None`` = not exportable.
         save: ``(model, folder)`` writing the method's own reloadable format (the PEFT adapter for PEFT methods).
+        load: ``(fresh base model, folder written by save) -> model`` giving the same outputs as the saved one.
+        param_count: ``(base model, settings) -> int``, the trainable parameters ``prepare`` would create (analytic:
+            works on a model built on the ``meta`` device, no calibration needed).
         describe: ``model -> {file name: JSON content}``, the method's own artifacts written into its run folder
             before and after training (ThanoRA: ``rank_plan.json``, ``overlap.json``), or ``None``.
+        finalize: ``(trained model, settings) -> model to evaluate, export and save``, or ``None`` (identity).
+        stratified_batches: training batches must hold samples of every task (`thanora.data.DataConfig.stratified`
+            is switched on for this method).
     """
 
     name: str
@@ -73,7 +84,25 @@ class Method:
     regularizer: Callable[[nn.Module, Any, dict[str, Tensor]], Tensor] | None
     export: Callable[[nn.Module, Path], None] | None
     save: Callable[[nn.Module, Path], None]
+    load: Callable[[nn.Module, Path], nn.Module]
+    param_count: Callable[[nn.Module, Any], int]
     describe: Callable[[nn.Module], dict[str, Any]] | None = None
+    finalize: Callable[[nn.Module, Any], nn.Module] | None = None
+    stratified_batches: bool = False
+
+
+def consume_task_ids(model: nn.Module, sink: Callable[[Tensor | None], None]) -> None:
+    """Pop the ``task_id`` keyword of every forward call of ``model`` and hand it (or ``None``) to ``sink`` first.
+
+    Registered by the ``prepare`` of methods with ``task_id_at_train``; ``sink(None)`` on a call without task ids
+    (evaluation) lets the method clear any per-batch state.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sink(kwargs.pop("task_id", None))
+        return args, kwargs
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # Imported after `Method` exists: each method module builds its value from it.
@@ -95,4 +124,4 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Method", "MethodContext", "get_method"]
+__all__ = ["METHODS", "Method", "MethodContext", "consume_task_ids", "get_method"]

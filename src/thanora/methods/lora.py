@@ -108,6 +108,17 @@ def save_lora(model: nn.Module, out_dir: Path) -> None:
         inner.save_pretrained(str(tmp))
 
 
+def load_peft_adapter(model: nn.Module, folder: Path) -> PeftModel:
+    """The base ``model`` with the stock PEFT adapter in ``folder`` loaded (eval mode, frozen)."""
+    return PeftModel.from_pretrained(model, str(folder)).eval()
+
+
+def lora_param_count(model: nn.Module, settings: Any) -> int:
+    """r · (d_in + d_out) summed over the targets of ``settings`` (``rank``, ``target_modules``)."""
+    targets = find_targets(model, settings.target_modules)
+    return sum(settings.rank * (t.d_in + t.d_out) for t in targets.values())
+
+
 LORA = Method(
     name="lora",
     paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv:2106.09685)",
@@ -119,4 +130,6 @@ LORA = Method(
     regularizer=None,
     export=save_lora,
     save=save_lora,
+    load=load_peft_adapter,
+    param_count=lora_param_count,
 )

@@ -15,6 +15,7 @@ from thanora.export import export_adapter
 from thanora.hasi_config import ThanoraConfig
 from thanora.layers import adapter_of, lora_factors
 from thanora.methods import Method, MethodContext
+from thanora.methods.lora import load_peft_adapter, lora_param_count
 from thanora.prepare import prepare_model, spr_loss
 from thanora.regularizers import block_overlap
 
@@ -80,5 +81,7 @@ THANORA = Method(
     regularizer=spr_regularizer,
     export=export_thanora,
     save=export_thanora,
+    load=load_peft_adapter,
+    param_count=lora_param_count,
     describe=describe_thanora,
 )
