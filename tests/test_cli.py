@@ -140,9 +140,28 @@ def test_bad_key_and_unknown_method_exit_2(setup: tuple[Path, Path], capsys: pyt
 
 
 def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["methods"]) == 0
+    from thanora.methods import METHODS
+
+    assert main(["methods", "--model", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in lines[1:] if line} == set(METHODS)
+    assert "params" not in lines[0]
+
+
+def test_methods_counts_parameters_of_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Counts come from the config alone (meta device) and equal LoRA's real trainable count at that rank."""
+    from conftest import tiny_llama
+
+    from thanora.methods import MethodContext
+    from thanora.methods.lora import LORA, LoraSettings
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    assert main(["methods", "--model", str(tmp_path / "m"), "--rank", "4"]) == 0
     out = capsys.readouterr().out
-    assert "thanora" in out and "lora" in out
+    row = next(line for line in out.splitlines() if line.startswith("lora "))
+    model = LORA.prepare(tiny_llama(), LoraSettings(rank=4), MethodContext())
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"{real:,}" in row.split()
 
 
 def test_resume_continues_an_interrupted_run(run_dir: Path, tmp_path: Path) -> None:

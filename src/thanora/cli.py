@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("assets", help="Install-check and convert the offline model and data (idempotent).")
     p.set_defaults(func=_assets)
-    p = sub.add_parser("methods", help="List the available methods.")
+    p = sub.add_parser("methods", help="List the methods: mergeable, task ids, trainable parameters, paper.")
+    p.add_argument("--model", default="smollm2",
+                   help="base model whose trainable parameter counts are shown (default: the offline SmolLM2; "
+                        "'none' skips the counts); only its config is read, no weights are loaded")
+    p.add_argument("--rank", type=int, default=64, help="rank at which to count (per head for multi-head methods)")
     p.set_defaults(func=_methods)
     return parser
 
@@ -195,13 +199,44 @@ def _assets(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.methods import METHODS
+    from thanora.methods import methods_table
 
-    print(f"{'method':<12} {'mergeable':<10} {'task id train/test':<20} paper")
-    for name, m in METHODS.items():
-        ids = f"{'yes' if m.task_id_at_train else 'no'}/{'yes' if m.task_id_at_test else 'no'}"
-        print(f"{name:<12} {'yes' if m.mergeable else 'no':<10} {ids:<20} {m.paper}")
+    from thanora.assets import AssetMissingError
+
+    model = None
+    if args.model != "none":
+        try:
+            model = meta_model(args.model)
+        except (AssetMissingError, OSError, ValueError) as err:  # the table is still useful without the counts
+            print(f"(no parameter counts: {err})", file=sys.stderr)
+    rows = methods_table(model, args.rank)
+    counts = model is not None
+    head = f"{'method':<12} {'mergeable':<10} {'task id train/test':<19}"
+    print(head + (f" {'params @ rank ' + str(args.rank):>17}" if counts else "") + "  paper")
+    for row in rows:
+        ids = f"{'yes' if row['task_id_train'] else 'no'}/{'yes' if row['task_id_test'] else 'no'}"
+        line = f"{row['method']:<12} {'yes' if row['mergeable'] else 'no':<10} {ids:<19}"
+        if counts:
+            line += f" {row['params']:>17,}"
+        print(f"{line}  {row['paper']}")
+    if counts:
+        print(f"\nparameter counts for {args.model} with each method's default settings and rank {args.rank} "
+              "(per head for multi-head methods; see `thanora methods --help`)")
     return 0
+
+
+def meta_model(name: str):
+    """The base model ``name`` (``smollm2``, a folder or a Hub id) built from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from thanora.pipeline import resolve_model_path
+
+    path = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(str(path))
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
 
 
 if __name__ == "__main__":

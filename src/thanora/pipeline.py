@@ -298,12 +298,16 @@ def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
 
 
 def model_path(cfg: RunConfig) -> str | Path:
+    """The config's base model as `resolve_model_path` finds it."""
+    return resolve_model_path(cfg.model.name_or_path)
+
+
+def resolve_model_path(name: str) -> str | Path:
     """``smollm2`` → the converted offline asset folder; a local folder as given; anything else is a Hub id.
 
     Raises:
         FileNotFoundError: a local path (absolute, ``./``, ``~``) that does not exist.
     """
-    name = cfg.model.name_or_path
     if name == "smollm2":
         from thanora.assets import smollm2_dir
 

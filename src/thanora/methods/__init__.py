@@ -124,4 +124,28 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Method", "MethodContext", "consume_task_ids", "get_method"]
+def methods_table(model: nn.Module | None = None, rank: int | None = None) -> list[dict[str, Any]]:
+    """One row per method: name, mergeable, task ids at train/test, paper, and (with ``model``) the trainable
+    parameter count of the method's default settings, with ``rank`` replacing the ``rank`` field where it has one.
+
+    Args:
+        model: the base model, typically built on the ``meta`` device (`param_count` is analytic).
+        rank: the rank to count at; ``None`` keeps each method's default.
+    """
+    import dataclasses
+
+    rows = []
+    for name, method in METHODS.items():
+        fields = {f.name for f in dataclasses.fields(method.config_cls)}
+        settings = method.config_cls(**({"rank": rank} if rank is not None and "rank" in fields else {}))
+        row: dict[str, Any] = {"method": name, "mergeable": method.mergeable,
+                               "task_id_train": method.task_id_at_train, "task_id_test": method.task_id_at_test,
+                               "paper": method.paper}
+        if model is not None:
+            row["params"] = method.param_count(model, settings)
+            row["rank"] = getattr(settings, "rank", None)
+        rows.append(row)
+    return rows
+
+
+__all__ = ["METHODS", "Method", "MethodContext", "consume_task_ids", "get_method", "methods_table"]
