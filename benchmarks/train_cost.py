@@ -1,0 +1,282 @@
+"""Training cost (paper Table 5): step time and peak memory of every method relative to PEFT LoRA at the same rank,
+and what SPR costs compared with a full-update orthogonality penalty (PEGO-style).
+
+Part 1, methods: SmolLM2-135M-Instruct, every linear layer of the decoder, rank 64 (HydraLoRA presets at their own
+budget), task-stratified batches of real CSQA + OBQA training examples (batch 8, answer-only labels). Each method
+runs in a fresh process: prepare (not timed), then ``--warmup`` + ``--steps`` optimiser steps of the loop
+`thanora.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
+regulariser, backward, clipping, AdamW); the median step time and the peak memory above the prepared model's
+(RSS on CPU, allocated on CUDA) are reported as ratios to LoRA's, measured in the same run.
+
+Part 2, SPR vs PEGO: ThanoRA prepared for 2 and 4 tasks, on all linear layers and on q/k/v only; in the same
+process, interleaved, steps with no regulariser, with SPR (SPEC §5: Gram-block form, never forms a d_out × d_in
+product) and with a PEGO-style penalty Σ_{i<j} ‖ΔW_iᵀ ΔW_j‖_F² on the materialised task updates ΔW_t = B_t A_t.
+Reported: the step-time overhead of each penalty over the unregularised step, and the penalty's own forward +
+backward time and peak memory. Target: SPR adds under 5 % step time.
+
+    python benchmarks/train_cost.py [--steps 6] [--warmup 2] [--parts methods spr] [--device auto]
+
+Writes benchmarks/results/train_cost.json and .md (atomically); prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common import RssSampler, now, resolve_device, run_metadata, sync, write_atomic
+from workload import MIXTURES, load_base, prepare, stratified_batches, task_batches, trainable_count
+
+RESULTS = Path(__file__).parent / "results"
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {"rank": 64, "lora_dropout": 0.0}),
+    "dora": ("dora", {"rank": 64, "lora_dropout": 0.0}),
+    "corda": ("corda", {"rank": 64}),
+    "dare": ("dare", {}),
+    "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}),
+    "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}),
+    "rlora_plus": ("rlora_plus", {}),
+    "align_lora": ("align_lora", {"rank": 64, "lora_dropout": 0.0}),
+    "mtlora": ("mtlora", {}),
+    "thanora (HASI only)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 0.0}),
+    "thanora (HASI + SPR)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4}),
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str
+    method: str
+    settings: dict[str, Any]
+    device: str
+    steps: int
+    warmup: int
+    batch_size: int
+    max_length: int
+
+
+def _memory_scope(device: torch.device):
+    if device.type == "cuda":
+        return _CudaPeak(device)
+    return RssSampler()
+
+
+class _CudaPeak:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.peak = 0
+
+    def __enter__(self) -> _CudaPeak:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def peak_delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def train_steps(model: nn.Module, method: Any, settings: Any, batches: list[dict[str, torch.Tensor]],
+                optimizer: torch.optim.Optimizer, device: torch.device,
+                penalty: Any = None) -> list[float]:
+    """One timed optimiser step per batch, as `thanora.train.train` does it; ``penalty`` (model -> scalar) replaces
+    the method's regulariser when given. Returns the seconds of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    model.train()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = batch if method.task_id_at_train else {k: v for k, v in batch.items() if k != "task_id"}
+        sync(device)
+        start = now()
+        loss = model(**inputs).loss
+        if penalty is not None:
+            loss = loss + penalty(model)
+        elif method.regularizer is not None:
+            loss = loss + method.regularizer(model, settings, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(now() - start)
+    model.eval()
+    return times
+
+
+def run_method(job: Job) -> dict[str, Any]:
+    """Worker: prepare one method on a fresh model, then time its steps and measure their peak memory."""
+    from thanora.methods import get_method
+
+    device = torch.device(job.device)
+    base, tokenizer = load_base(device)
+    tasks = MIXTURES[2]
+    data = task_batches(tokenizer, tasks, 32, 16, job.max_length, device)
+    batches = stratified_batches(data.features, job.batch_size, len(tasks), tokenizer.pad_token_id,
+                                 job.warmup + job.steps)
+    model, settings = prepare(job.method, job.settings, base, data.calibration)
+    method = get_method(job.method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    train_steps(model, method, settings, batches[: job.warmup], optimizer, device)  # allocates optimiser state
+    with _memory_scope(device) as memory:
+        times = train_steps(model, method, settings, batches[job.warmup:], optimizer, device)
+    return {"label": job.label, "method": job.method, "settings": job.settings, "params": trainable_count(model),
+            "step_s": statistics.median(times), "step_s_all": times, "peak_mb": memory.peak_delta_mb}
+
+
+def pego_penalty(model: nn.Module) -> torch.Tensor:
+    """PEGO-style full-update orthogonality: Σ_modules Σ_{i<j} ‖(B_i A_i)ᵀ (B_j A_j)‖_F² on the materialised task
+    updates (d_out × d_in each): what SPR avoids by working on the r × r Gram blocks."""
+    from thanora.layers import adapter_of, lora_factors
+
+    adapter = adapter_of(model)
+    tasks = list(adapter.plan.tasks)
+    terms = []
+    for name in adapter.targets:
+        A, B = lora_factors(model, name)
+        blocks = adapter.blocks[name]
+        updates = [B[:, a:b] @ A[a:b] for a, b in (blocks[t] for t in tasks)]
+        for i in range(len(updates)):
+            for j in range(i + 1, len(updates)):
+                terms.append((updates[i].T @ updates[j]).square().sum())
+    return torch.stack(terms).sum()
+
+
+def run_spr(job: Job, n_tasks: int, targets: tuple[str, ...] | None) -> dict[str, Any]:
+    """Worker: ThanoRA for ``n_tasks`` tasks on ``targets``; steps without / with SPR / with PEGO, interleaved."""
+    from thanora.layers import adapter_of
+    from thanora.methods import get_method
+    from thanora.prepare import spr_loss
+
+    device = torch.device(job.device)
+    base, tokenizer = load_base(device)
+    tasks = MIXTURES[n_tasks]
+    data = task_batches(tokenizer, tasks, 32, 16, job.max_length, device)
+    settings = {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4, "target_modules": targets}
+    model, config = prepare("thanora", settings, base, data.calibration)
+    method = get_method("thanora")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)  # keeps the init
+    penalties = {"none": lambda m: torch.zeros(()), "spr": lambda m: 1e-4 * spr_loss(m),
+                 "pego": lambda m: 1e-4 * pego_penalty(m)}
+    batches = stratified_batches(data.features, job.batch_size, n_tasks, tokenizer.pad_token_id,
+                                 job.warmup + job.steps)
+    for fn in penalties.values():  # warm-up
+        train_steps(model, method, config, batches[: job.warmup], optimizer, device, fn)
+    steps: dict[str, list[float]] = {name: [] for name in penalties}
+    for batch in batches[job.warmup:]:
+        for name, fn in penalties.items():
+            steps[name] += train_steps(model, method, config, [batch], optimizer, device, fn)
+    alone: dict[str, dict[str, float]] = {}
+    for name in ("spr", "pego"):
+        times, peaks = [], []
+        for _ in range(job.steps):
+            with _memory_scope(device) as memory:
+                sync(device)
+                start = now()
+                penalties[name](model).backward()
+                sync(device)
+                times.append(now() - start)
+            peaks.append(memory.peak_delta_mb)
+            model.zero_grad(set_to_none=True)
+        alone[name] = {"seconds": statistics.median(times), "peak_mb": max(peaks)}
+    median = {name: statistics.median(v) for name, v in steps.items()}
+    return {"tasks": n_tasks, "targets": "q/k/v" if targets else "all linear",
+            "modules": len(adapter_of(model).targets), "step_s": median, "steps_all": steps,
+            "overhead": {name: median[name] / median["none"] - 1 for name in ("spr", "pego")}, "alone": alone}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=160)
+    parser.add_argument("--parts", nargs="*", default=["methods", "spr"], choices=["methods", "spr"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_cost")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    result: dict[str, Any] = {"benchmark": "train_cost",
+                              "meta": run_metadata(vars(args) | {"out": str(args.out)}, device)}
+    context = get_context("spawn")
+    if "methods" in args.parts:
+        rows = []
+        for label in args.methods:
+            name, settings = METHODS[label]
+            job = Job(label, name, settings, str(device), args.steps, args.warmup, args.batch_size, args.max_length)
+            with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: comparable peak memory
+                rows.append(pool.submit(run_method, job).result())
+            print(f"{label}: {rows[-1]['step_s']:.3f} s/step, +{rows[-1]['peak_mb']:.0f} MiB", flush=True)
+        lora = next((r for r in rows if r["label"] == "lora"), rows[0])
+        for r in rows:
+            r["step_ratio"] = r["step_s"] / lora["step_s"]
+            r["memory_ratio"] = r["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] > 0 else math.nan
+        result["methods"] = rows
+    if "spr" in args.parts:
+        rows = []
+        for n_tasks in (2, 4):
+            for targets in (None, QKV):
+                job = Job("thanora", "thanora", {}, str(device), args.steps, args.warmup, args.batch_size,
+                          args.max_length)
+                with ProcessPoolExecutor(1, mp_context=context) as pool:
+                    rows.append(pool.submit(run_spr, job, n_tasks, targets).result())
+                r = rows[-1]
+                print(f"T={n_tasks} {r['targets']}: SPR +{100 * r['overhead']['spr']:.1f} %, PEGO "
+                      f"+{100 * r['overhead']['pego']:.1f} %", flush=True)
+        result["spr"] = rows
+    table = render(result)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2))
+    write_atomic(args.out.with_suffix(".md"), table)
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown tables: per-method ratios to LoRA; SPR vs PEGO overheads."""
+    meta = result["meta"]
+    memory = "peak allocated" if meta["machine"]["device"].startswith("cuda") else "peak RSS"
+    lines = ["# Training cost (paper Table 5)", "",
+             f"`{meta['command']}` on {meta['machine']['device']} ({meta['machine']['processor']}, "
+             f"{meta['machine']['torch_threads']} threads), {meta['timestamp_utc']}; medians over "
+             f"{meta['args']['steps']} steps after {meta['args']['warmup']} warm-up steps, batch "
+             f"{meta['args']['batch_size']}, max length {meta['args']['max_length']}."]
+    if "methods" in result:
+        lines += ["", f"| method | trainable params | step time × LoRA | {memory} of the steps × LoRA | s/step | MiB |",
+                  "|---|---|---|---|---|---|"]
+        for r in result["methods"]:
+            lines.append(f"| {r['label']} | {r['params']:,} | {r['step_ratio']:.2f} | {r['memory_ratio']:.2f} | "
+                         f"{r['step_s']:.3f} | {r['peak_mb']:.0f} |")
+    if "spr" in result:
+        lines += ["", "SPR (Gram blocks) vs PEGO-style full-update penalty on ThanoRA (rank 64):", "",
+                  "| tasks | modules | step, no penalty (s) | SPR step overhead | PEGO step overhead | "
+                  "SPR alone: ms / MiB | PEGO alone: ms / MiB |", "|---|---|---|---|---|---|---|"]
+        for r in result["spr"]:
+            spr, pego = r["alone"]["spr"], r["alone"]["pego"]
+            lines.append(f"| {r['tasks']} | {r['targets']} | {r['step_s']['none']:.3f} | "
+                         f"{100 * r['overhead']['spr']:+.1f} % | {100 * r['overhead']['pego']:+.1f} % | "
+                         f"{1000 * spr['seconds']:.1f} / {spr['peak_mb']:.0f} | "
+                         f"{1000 * pego['seconds']:.1f} / {pego['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The real workload the cost benchmarks share: SmolLM2, real task batches, and any method prepared on it.
+
+Everything goes through the library's own code paths (`thanora.data`, `thanora.methods`), so a benchmark measures
+what a user's run does. Import it from a script in this folder.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+MIXTURES = {2: ("csqa", "obqa"), 4: ("csqa", "obqa", "arc_easy", "boolq")}
+
+
+def load_base(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """A fresh SmolLM2-135M-Instruct (eval mode, warmed up) and its tokenizer (pad token set)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thanora.assets import smollm2_dir
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    folder = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    with torch.no_grad():  # pages the memory-mapped weights in
+        model(input_ids=torch.ones(1, 8, dtype=torch.long, device=device))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+@dataclass
+class TaskBatches:
+    """Training features of every task (answer-only labels, task ids) and calibration batches per task."""
+
+    features: list[dict[str, Any]]
+    calibration: dict[str, list[dict[str, torch.Tensor]]]
+
+
+def task_batches(tokenizer: Any, tasks: tuple[str, ...], n_train: int, n_calibration: int, max_length: int,
+                 device: torch.device, seed: int = 0) -> TaskBatches:
+    """Real CSQA / OBQA / ARC-Easy / BoolQ examples in the ranked format, encoded exactly as `thanora run` does."""
+    from thanora.data import DataConfig, TaskConfig, build_task, calibration_batches, encode_examples
+
+    data = DataConfig(max_length=max_length, seed=seed)
+    features: list[dict[str, Any]] = []
+    calibration = {}
+    for task_id, name in enumerate(tasks):
+        task = build_task(TaskConfig(name, name, n_train=n_train, n_eval=1, n_calibration=n_calibration), seed)
+        features += encode_examples(task.train, task.config, tokenizer, data, task_id)
+        calibration[name] = calibration_batches(task, tokenizer, data, device)
+    return TaskBatches(features, calibration)
+
+
+def stratified_batches(features: list[dict[str, Any]], batch_size: int, n_tasks: int, pad_id: int,
+                       n_batches: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n_batches`` padded batches, each with samples of every task (what Align-LoRA needs; harmless for others)."""
+    import random
+
+    from thanora.formats import collate
+
+    by_task = [[f for f in features if f["task_id"] == t] for t in range(n_tasks)]
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(n_batches):
+        chosen = [rng.choice(by_task[i % n_tasks]) for i in range(batch_size)]
+        batches.append(collate(chosen, pad_id))
+    return batches
+
+
+def prepare(name: str, settings: dict[str, Any], base: nn.Module, calibration: dict[str, list] | None,
+            seed: int = 0) -> tuple[nn.Module, Any]:
+    """``base`` prepared by method ``name`` with ``settings`` (the method's YAML fields); returns (model, settings)."""
+    from thanora.methods import MethodContext, get_method
+
+    method = get_method(name)
+    config = method.config_cls(**settings)
+    ctx = MethodContext(calibration=calibration, progress=False, seed=seed)
+    return method.prepare(base, config, ctx), config
+
+
+def simulate_training_(model: nn.Module, seed: int = 0, scale: float = 0.02) -> None:
+    """Move every trainable parameter by seeded noise, so zero-initialised factors (LoRA's B) take part as after
+    training (costs do not depend on the values, but merged/unmerged equivalence checks do)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def eval_features(tokenizer: Any, tasks: tuple[str, ...], n_eval: int, max_length: int,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """The evaluation examples of every task (prompt + correct answer, ranked format), encoded as in training."""
+    from thanora.data import DataConfig, TaskConfig, build_task, encode_examples
+
+    data = DataConfig(max_length=max_length, seed=seed)
+    out: list[dict[str, Any]] = []
+    for task_id, name in enumerate(tasks):
+        task = build_task(TaskConfig(name, name, n_train=1, n_eval=n_eval, n_calibration=1), seed)
+        out += encode_examples(task.eval, task.config, tokenizer, data, task_id)
+    return out
