@@ -1,9 +1,15 @@
-"""Seeded tiny models built from configs (no downloads): Llama, GPT-2 (Conv1D) and LLaVA; and their batches."""
+"""Seeded tiny models built from configs (no downloads): Llama, GPT-2 (Conv1D) and LLaVA; their batches; a tiny
+model folder with a word-level tokenizer and learnable multiple-choice task files for end-to-end runs."""
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     GPT2Config,
@@ -12,6 +18,7 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
 )
 
 VOCAB = 128
@@ -109,3 +116,41 @@ def llava() -> LlavaForConditionalGeneration:
 def pytest_configure(config: pytest.Config) -> None:
     # Tiny matrices: intra-op threads only add overhead (16x slower SVDs on a busy 2-core runner).
     torch.set_num_threads(1)
+
+
+COLORS = ["red", "green", "blue", "yellow"]
+ANIMALS = ["cat", "dog", "cow", "owl"]
+NOUNS = [f"w{i}" for i in range(40)]
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A tiny Llama + word-level tokenizer folder whose vocabulary covers the `choice_task_file` tasks."""
+    words = ["Question:", "Answer:", "color", "animal", "of", *COLORS, *ANIMALS, *NOUNS]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                        pad_token="[PAD]", unk_token="[UNK]")
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3)
+    import torch
+
+    torch.manual_seed(0)
+    folder = root / "tiny-model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def choice_task_file(root: Path, name: str, kind: str, answers: list[str], seed: int) -> Path:
+    """A JSONL multiple-choice task with a fixed, learnable noun → answer mapping."""
+    rng = random.Random(seed)
+    rows = []
+    for i, noun in enumerate(NOUNS):
+        answer = (i * 7 + seed) % len(answers)  # a fixed noun → answer mapping the model can learn
+        rows.append({"prompt": f"Question: {kind} of {noun}", "choices": answers, "answer": answer})
+    rng.shuffle(rows)
+    path = root / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

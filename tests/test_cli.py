@@ -3,58 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import ANIMALS, COLORS, choice_task_file, tiny_model_dir
 from thanora.cli import main
-
-COLORS = ["red", "green", "blue", "yellow"]
-ANIMALS = ["cat", "dog", "cow", "owl"]
-NOUNS = [f"w{i}" for i in range(40)]
-
-
-def _tiny_model_dir(root: Path) -> Path:
-    words = ["Question:", "Answer:", "color", "animal", "of", *COLORS, *ANIMALS, *NOUNS]
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                        pad_token="[PAD]", unk_token="[UNK]")
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=3)
-    import torch
-
-    torch.manual_seed(0)
-    folder = root / "tiny-model"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _task_file(root: Path, name: str, kind: str, answers: list[str], seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for i, noun in enumerate(NOUNS):
-        answer = (i * 7 + seed) % len(answers)  # a fixed noun → answer mapping the model can learn
-        rows.append({"prompt": f"Question: {kind} of {noun}", "choices": answers, "answer": answer})
-    rng.shuffle(rows)
-    path = root / f"{name}.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli")
-    model_dir = _tiny_model_dir(root)
-    colors = _task_file(root, "colors", "color", COLORS, 1)
-    animals = _task_file(root, "animals", "animal", ANIMALS, 2)
+    model_dir = tiny_model_dir(root)
+    colors = choice_task_file(root, "colors", "color", COLORS, 1)
+    animals = choice_task_file(root, "animals", "animal", ANIMALS, 2)
     config = {
         "model": {"name_or_path": str(model_dir)},
         "tasks": [
@@ -151,7 +114,6 @@ def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
 def test_methods_counts_parameters_of_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Counts come from the config alone (meta device) and equal LoRA's real trainable count at that rank."""
     from conftest import tiny_llama
-
     from thanora.methods import MethodContext
     from thanora.methods.lora import LORA, LoraSettings
 

@@ -273,3 +273,14 @@ def test_accelerator_must_match_the_config(features: list[dict[str, Any]]) -> No
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         train(model, METHODS["lora"], settings, factory, config(), Accelerator(cpu=True, gradient_accumulation_steps=2),
               progress=False)
+
+
+@pytest.mark.parametrize("kind", ["DistributedType.FSDP", "FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_for_a_regularised_method(kind: str) -> None:
+    from thanora.methods import get_method
+    from thanora.train import check_sharding
+
+    with pytest.raises(ValueError, match="thanora computes its regulariser.*shards.*DDP"):
+        check_sharding(kind, get_method("thanora"))
+    check_sharding(kind, get_method("lora"))  # no regulariser: allowed
+    check_sharding("DistributedType.MULTI_GPU", get_method("thanora"))  # DDP: allowed

@@ -199,6 +199,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_accelerator(accelerator, cfg)
+    check_sharding(str(accelerator.distributed_type), method)
     set_seed(cfg.seed, device_specific=True)
     n_batches = len(loader_factory(0))  # type: ignore[arg-type]
     if n_batches < cfg.grad_accum:
@@ -320,6 +321,26 @@ def _check_accelerator(accelerator: Accelerator, cfg: TrainConfig) -> None:
         raise ValueError(f"the accelerator must have mixed_precision={wanted!r} (TrainConfig.mixed_precision) and "
                          "gradient_accumulation_steps=1 (train() accumulates TrainConfig.grad_accum itself); build "
                          "it with thanora.train.make_accelerator(cfg)")
+
+
+def check_sharding(distributed_type: str, method: Method) -> None:
+    """Refuse FSDP / DeepSpeed ZeRO-3 for a method with a regulariser.
+
+    Sharded training holds each process's shard of the flattened parameters outside the forward pass, while
+    regularisers are computed from the unwrapped model after it (ThanoRA's SPR and mtLoRA's spectral term read whole
+    factors): they would see shards and compute a wrong penalty silently. Every regularised method is refused (the
+    activation-based ones, Align-LoRA and the routers' balance losses, are not verified under sharding either);
+    methods without a regulariser are not. Decision (not a missing feature by accident): the adapters of the models this tool targets fit on one
+    device, so DDP (the default of ``accelerate launch``) is the supported multi-GPU mode for regularised methods.
+
+    Raises:
+        ValueError: sharded training with a regularised method (the message says what to use instead).
+    """
+    sharded = distributed_type.rsplit(".", 1)[-1].upper() in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+    if sharded and method.regularizer is not None:
+        raise ValueError(f"{method.name} computes its regulariser on the unwrapped model after the forward pass, "
+                         f"where {distributed_type} holds only parameter shards; run it with DDP (`accelerate "
+                         "launch` without FSDP/DeepSpeed) or on one device")
 
 
 def _save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], optimizer: Any, scheduler: Any,
