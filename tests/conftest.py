@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,3 +155,43 @@ def choice_task_file(root: Path, name: str, kind: str, answers: list[str], seed:
     path = root / f"{name}.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def run_tiny(tmp_path: Path, method: dict[str, Any]) -> Path:
+    """`thanora run` of one method on the tiny saved Llama and two synthetic JSONL tasks; the run folder."""
+    import yaml
+
+    from thanora.cli import main
+
+    colors = choice_task_file(tmp_path, "colors", "color", COLORS, 1)
+    animals = choice_task_file(tmp_path, "animals", "animal", ANIMALS, 2)
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir(tmp_path))},
+        "tasks": [{"name": "colors", "source": f"jsonl:{colors}", "n_train": 24, "n_eval": 12, "n_calibration": 4},
+                  {"name": "animals", "source": f"jsonl:{animals}", "n_train": 24, "n_eval": 12, "n_calibration": 4}],
+        "data": {"max_length": 32, "calibration_batch_size": 4},
+        "methods": [method],
+        "train": {"epochs": 1, "batch_size": 8, "grad_accum": 1, "lr": 5.0e-3},
+        "eval": {"batch_size": 16},
+        "output": {"merged": True, "plots": False, "evaluate_base": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "c.yaml"), "--output-dir", str(out), "--no-progress", "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics[method["name"]]["average"] <= 1.0
+    return out
+
+
+def assert_export_rebuilds_the_adapter(run_dir: Path, label: str) -> None:
+    """`thanora export` (fresh prepare + checkpoint + finalize) writes the adapter the run wrote."""
+    from safetensors.torch import load_file
+
+    from thanora.cli import main
+
+    saved = load_file(str(run_dir / label / "adapter" / "adapter_model.safetensors"))
+    assert main(["export", str(run_dir), "--method", label, "-q"]) == 0
+    rebuilt = load_file(str(run_dir / label / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == rebuilt.keys()
+    for key in saved:
+        torch.testing.assert_close(rebuilt[key], saved[key], rtol=0, atol=1e-6)

@@ -77,12 +77,12 @@ def test_thanora_run_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """`thanora run` with 2 processes: one complete run directory, the same rank plan as a single process."""
     import yaml
 
-    from test_cli import ANIMALS, COLORS, _task_file, _tiny_model_dir
+    from conftest import ANIMALS, COLORS, choice_task_file, tiny_model_dir
 
-    model_dir = _tiny_model_dir(tmp_path)
+    model_dir = tiny_model_dir(tmp_path)
     tasks = [
-        {"name": "colors", "source": f"jsonl:{_task_file(tmp_path, 'colors', 'color', COLORS, 1)}"},
-        {"name": "animals", "source": f"jsonl:{_task_file(tmp_path, 'animals', 'animal', ANIMALS, 2)}"},
+        {"name": "colors", "source": f"jsonl:{choice_task_file(tmp_path, 'colors', 'color', COLORS, 1)}"},
+        {"name": "animals", "source": f"jsonl:{choice_task_file(tmp_path, 'animals', 'animal', ANIMALS, 2)}"},
     ]
     config = {
         "model": {"name_or_path": str(model_dir)},

@@ -280,7 +280,7 @@ def test_sharded_training_is_refused_for_a_regularised_method(kind: str) -> None
     from thanora.methods import get_method
     from thanora.train import check_sharding
 
-    with pytest.raises(ValueError, match="thanora computes its regulariser.*shards.*DDP"):
+    with pytest.raises(ValueError, match=r"thanora computes its regulariser.*shards.*DDP"):
         check_sharding(kind, get_method("thanora"))
     check_sharding(kind, get_method("lora"))  # no regulariser: allowed
     check_sharding("DistributedType.MULTI_GPU", get_method("thanora"))  # DDP: allowed

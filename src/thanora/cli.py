@@ -199,9 +199,8 @@ def _assets(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.methods import methods_table
-
     from thanora.assets import AssetMissingError
+    from thanora.methods import methods_table
 
     model = None
     if args.model != "none":

@@ -119,6 +119,7 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
         tokenizer=tokenizer,
         calibration={t.name: calibration_batches(t, tokenizer, cfg.data, device, processor) for t in tasks},
         cache_dir=run_dir / "cache",
+        seed=cfg.seed,  # as in the run: a seeded residual init (R-LoRA+) must be rebuilt identically
         calibration_key=json.dumps([t.fingerprint for t in tasks], sort_keys=True),
     )
     model = method.prepare(load_model(cfg, device), settings, ctx)

@@ -108,3 +108,67 @@ def set_weight_matrix_(module: nn.Module, value: torch.Tensor) -> None:
     new = value.T if isinstance(module, Conv1D) else value
     with torch.no_grad():
         weight.copy_(new.to(dtype=weight.dtype, device=weight.device))
+
+
+# Child names of a decoder layer's two residual blocks, per architecture family (Llama-style, GPT-2).
+BLOCK_CHILDREN: dict[str, tuple[str, ...]] = {"attention": ("self_attn", "attn"), "mlp": ("mlp",)}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block of a decoder layer (block-level adapters, mtLoRA).
+
+    Attributes:
+        name: full dotted name of the attention or MLP module in the root model.
+        kind: ``"attention"`` or ``"mlp"``.
+        d_model: hidden size: the block's input (already normalised by the layer) and output width.
+    """
+
+    name: str
+    kind: str
+    d_model: int
+
+
+def find_blocks(model: nn.Module, kinds: Sequence[str] = ("attention", "mlp")) -> dict[str, Block]:
+    """The attention and/or MLP blocks of every decoder layer of the language model.
+
+    A decoder layer is a module with an attention child (``self_attn`` or ``attn``) and an ``mlp`` child; in
+    Llama- and GPT-2-style layers both receive the layer-normalised hidden states and their output is added to the
+    residual stream (the attention returns a tuple whose element 0 is that output).
+
+    Args:
+        model: any transformers model; only its language model is searched (as `find_targets`).
+        kinds: which blocks, any of ``"attention"`` and ``"mlp"``.
+
+    Returns:
+        ``{full name: Block}`` in module order.
+
+    Raises:
+        ValueError: an unknown kind, or no decoder layer found.
+    """
+    unknown = sorted(set(kinds) - set(BLOCK_CHILDREN))
+    if unknown or not kinds:
+        raise ValueError(f"block kinds must be a non-empty subset of {sorted(BLOCK_CHILDREN)}, got {list(kinds)}")
+    scope = language_model(model)
+    embeddings = scope.get_input_embeddings() if hasattr(scope, "get_input_embeddings") else None
+    d_model = getattr(embeddings, "embedding_dim", None) or getattr(getattr(scope, "config", None), "hidden_size", 0)
+    scope_ids = {id(m) for m in scope.modules()}
+    blocks: dict[str, Block] = {}
+    for name, module in model.named_modules():
+        if id(module) not in scope_ids:
+            continue
+        children = dict(module.named_children())
+        attention = next((c for c in BLOCK_CHILDREN["attention"] if c in children), None)
+        if attention is None or "mlp" not in children:
+            continue
+        for kind in ("attention", "mlp"):
+            if kind in kinds:
+                child = attention if kind == "attention" else "mlp"
+                full = f"{name}.{child}" if name else child
+                blocks[full] = Block(full, kind, int(d_model))
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no decoder layer with an attention block "
+                         f"({' or '.join(BLOCK_CHILDREN['attention'])}) and an mlp block in its language model")
+    if not d_model:
+        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}'s language model")
+    return blocks

@@ -330,8 +330,8 @@ def check_sharding(distributed_type: str, method: Method) -> None:
     regularisers are computed from the unwrapped model after it (ThanoRA's SPR and mtLoRA's spectral term read whole
     factors): they would see shards and compute a wrong penalty silently. Every regularised method is refused (the
     activation-based ones, Align-LoRA and the routers' balance losses, are not verified under sharding either);
-    methods without a regulariser are not. Decision (not a missing feature by accident): the adapters of the models this tool targets fit on one
-    device, so DDP (the default of ``accelerate launch``) is the supported multi-GPU mode for regularised methods.
+    methods without a regulariser are not. A decision, not an accident: the adapters of the models this tool targets
+    fit on one device, so DDP (the default of ``accelerate launch``) is the supported multi-GPU mode for them.
 
     Raises:
         ValueError: sharded training with a regularised method (the message says what to use instead).

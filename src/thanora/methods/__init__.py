@@ -106,10 +106,27 @@ def consume_task_ids(model: nn.Module, sink: Callable[[Tensor | None], None]) ->
 
 
 # Imported after `Method` exists: each method module builds its value from it.
+from thanora.methods.align_lora import ALIGN_LORA  # noqa: E402
+from thanora.methods.corda import CORDA  # noqa: E402
+from thanora.methods.dare import DARE  # noqa: E402
+from thanora.methods.dora import DORA  # noqa: E402
+from thanora.methods.hydralora import HYDRALORA  # noqa: E402
 from thanora.methods.lora import LORA  # noqa: E402
+from thanora.methods.mtlora import MTLORA  # noqa: E402
+from thanora.methods.rlora_plus import RLORA_PLUS  # noqa: E402
 from thanora.methods.thanora import THANORA  # noqa: E402
 
-METHODS: dict[str, Method] = {"lora": LORA, "thanora": THANORA}
+METHODS: dict[str, Method] = {  # the order of `thanora methods`: baselines first, ThanoRA last
+    "lora": LORA,
+    "dora": DORA,
+    "corda": CORDA,
+    "dare": DARE,
+    "hydralora": HYDRALORA,
+    "rlora_plus": RLORA_PLUS,
+    "align_lora": ALIGN_LORA,
+    "mtlora": MTLORA,
+    "thanora": THANORA,
+}
 
 
 def get_method(name: str) -> Method:

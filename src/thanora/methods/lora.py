@@ -1,12 +1,16 @@
 """LoRA (Hu et al., 2022) through PEFT's own `LoraConfig` / `get_peft_model`: the single-adapter baseline.
 
 Same target modules as ThanoRA (every linear layer of the language model by default, resolved by
-`thanora.find_targets` to full dotted names) and the same rank budget (PEERS.md).
+`thanora.find_targets` to full dotted names) and the same rank budget (PEERS.md). The PEFT config factory
+(`lora_config`), the rank check and the seeded injection are shared with DoRA (``use_dora``) and DARE (one adapter per
+task).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from torch import nn
 
 from thanora.artifacts import atomic_dir
 from thanora.methods import Method, MethodContext
-from thanora.targets import find_targets
+from thanora.targets import Target, find_targets
 
 
 @dataclass(frozen=True)
@@ -38,16 +42,17 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        cls = type(self).__name__  # subclasses (DoraSettings, DareSettings) name themselves
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraSettings.rank must be an integer >= 1, got {self.rank!r}")
+            raise ValueError(f"{cls}.rank must be an integer >= 1, got {self.rank!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"LoraSettings.lora_alpha must be positive or null, got {self.lora_alpha!r}")
+            raise ValueError(f"{cls}.lora_alpha must be positive or null, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraSettings.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(f"{cls}.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.target_modules is not None:
             names = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
             if not names or not all(isinstance(n, str) and n for n in names):
-                raise ValueError("LoraSettings.target_modules must be null (all linear layers of the language model) "
+                raise ValueError(f"{cls}.target_modules must be null (all linear layers of the language model) "
                                  "or a non-empty list of module names")
             object.__setattr__(self, "target_modules", names)
 
@@ -65,35 +70,56 @@ class LoraSettings:
         return out
 
 
-def prepare_lora(model: nn.Module, settings: LoraSettings, ctx: MethodContext) -> PeftModel:
+def check_rank(targets: Mapping[str, Target], rank: int, owner: str) -> None:
+    """Raise a `ValueError` naming ``owner.rank`` if ``rank`` exceeds min(d_in, d_out) of a target."""
+    too_small = [n for n, t in targets.items() if rank > min(t.d_in, t.d_out)]
+    if too_small:
+        raise ValueError(f"{owner}.rank={rank} exceeds min(d_in, d_out) of module {too_small[0]!r}; "
+                         "lower rank or exclude it with target_modules")
+
+
+def lora_config(model: nn.Module, targets: Mapping[str, Target], rank: int, alpha: float, dropout: float, *,
+                use_dora: bool = False) -> LoraConfig:
+    """PEFT's `LoraConfig` for ``targets`` (full dotted names) of ``model``: rank, alpha, dropout, DoRA switch."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
+        bias="none",
+        use_dora=use_dora,
+        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+    )
+
+
+@contextmanager
+def seeded_rng(model: nn.Module, seed: int) -> Iterator[None]:
+    """Seed torch's RNG (CPU and the model's CUDA devices) with ``seed`` inside, restore the caller's state after."""
+    devices = [torch.device(d) for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def prepare_lora(model: nn.Module, settings: LoraSettings, ctx: MethodContext, *, use_dora: bool = False
+                 ) -> PeftModel:
     """Wrap ``model`` with PEFT LoRA layers (A Kaiming-uniform seeded by ``ctx.seed``, B zero).
 
     Args:
         model: a transformers model, modified in place (as `get_peft_model` does).
         settings: rank, alpha, dropout, targets.
         ctx: only ``ctx.seed`` is used; the global RNG state is left as it was.
+        use_dora: PEFT's DoRA (``LoraConfig(use_dora=True)``: a trainable magnitude per output feature).
 
     Returns:
-        The `PeftModel`, only the LoRA factors trainable, in the caller's train/eval mode.
+        The `PeftModel`, only the adapter parameters trainable, in the caller's train/eval mode.
     """
     targets = find_targets(model, settings.target_modules)
-    too_small = [n for n, t in targets.items() if settings.rank > min(t.d_in, t.d_out)]
-    if too_small:
-        raise ValueError(f"LoraSettings.rank={settings.rank} exceeds min(d_in, d_out) of module {too_small[0]!r}; "
-                         "lower rank or exclude it with target_modules")
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=list(targets),
-        fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
-        bias="none",
-        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-    )
+    check_rank(targets, settings.rank, type(settings).__name__)
+    config = lora_config(model, targets, settings.rank, settings.alpha, settings.lora_dropout, use_dora=use_dora)
     was_training = model.training
-    devices = [torch.device(d) for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(ctx.seed)
+    with seeded_rng(model, ctx.seed):
         peft_model = get_peft_model(model, config)
     peft_model.train(was_training)
     return peft_model
@@ -103,7 +129,7 @@ def save_lora(model: nn.Module, out_dir: Path) -> None:
     """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), replacing ``out_dir``."""
     inner = getattr(model, "module", model)  # DistributedDataParallel
     if not isinstance(inner, PeftModel):
-        raise TypeError(f"expected a PeftModel from LORA.prepare, got {type(inner).__name__}")
+        raise TypeError(f"expected a PeftModel from the method's prepare, got {type(inner).__name__}")
     with atomic_dir(out_dir) as tmp:
         inner.save_pretrained(str(tmp))
 

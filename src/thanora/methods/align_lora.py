@@ -1,0 +1,405 @@
+"""Align-LoRA (Liu et al., 2025, arXiv:2508.05078): plain PEFT LoRA plus λ · MK-MMD² between tasks on A·x.
+
+During the training forward a hook on every PEFT ``lora_A`` module keeps its output A·x (B, L, r) for the current
+micro-batch; the regulariser then compares, per adapted layer, the A·x of every pair of tasks present in the
+micro-batch with a multi-kernel MMD, and returns λ times the mean over task pairs and layers. The trained adapter is
+an ordinary LoRA: mergeable, exported as a stock PEFT adapter, no task id at inference.
+
+Paper (``papers/align-lora-r-lora-plus.txt``, eq. 6, 9, 10) vs reference code (github.com/jinda-liu/Align-LoRA,
+``custom.py``), and what this module does (default first, other behaviour as an option):
+
+- Kernel (``kernel``): ``"paper"`` k(x, y) = Σ_σ exp(−‖x − y‖² / (2σ²)), the Gaussian of the text; ``"code"``
+  exp(−‖x − y‖² / (2σ)) as the reference code computes it.
+- Bandwidths (``bandwidths``): the paper gives no set; default is the reference code's 19 values 1e-6 … 1e6.
+- Pooling (``pooling``): ``"mean"`` (paper: one representation b = A·X per sample) is the mean of A·x over the
+  sample's non-padding tokens (attention_mask == 1); ``"tokens"`` is the code's comparison of position s of one
+  sample with position s of another, padded positions included, with the kernel averaged over positions.
+- Estimator: the biased (V-statistic) MMD², mean K_xx + mean K_yy − 2 mean K_xy with the diagonals included: the
+  squared distance of the empirical mean embeddings of the paper's eq. 6, and what the code computes. It is ≥ 0
+  and exactly 0 when both tasks have the same set of representations. A bandwidth far below the spacing of the
+  samples only sees the diagonal and adds a constant 1/n_i + 1/n_j (no gradient): the reference set's smallest σ
+  put such a floor under the logged value.
+- Reduction: mean over task pairs, then over layers (the code's reduction; the paper's eq. 9 sums over pairs, which
+  only rescales λ). Tasks are those present in the micro-batch, read from ``batch["task_id"]`` (the code splits the
+  batch into equal chunks assuming task order). With fewer than 2 tasks in a micro-batch the term is 0.
+- Granularity: once per micro-batch, as every regulariser of the training loop; the code concatenates A·x over the
+  gradient-accumulation micro-batches and adds the term once per optimizer step. Batches are task-stratified
+  (``stratified_batches``) so that every micro-batch holds every task.
+- λ (``align_lambda``): the paper tunes it in [0.01, 0.15] without naming a default; 0.01 is the reference
+  ``MMD_Trainer``'s default and the low end of the paper's range.
+- A·x is the output of ``lora_A`` on the dropped-out input, as PEFT computes it during training (and as the
+  code's hook sees it). No stop-gradient (paper and code): the penalty's gradient reaches each A and everything
+  upstream of its input, including earlier layers' LoRA factors.
+- LoRA settings: rank 64, all linear layers, dropout 0.05, as the project's LoRA baseline, so that the penalty is
+  the only difference from it (the paper's own runs: α = 32, q/v only, dropout 0.2).
+
+Nothing is kept in eval mode or without gradients (evaluation costs nothing extra), and every forward of the model
+first drops the previous forward's activations, so the regulariser only sees the current micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from thanora.methods import Method, MethodContext, consume_task_ids
+from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, prepare_lora, save_lora
+
+# The reference code's bandwidths σ (the paper names none).
+REFERENCE_BANDWIDTHS: tuple[float, ...] = (
+    1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 100.0, 1e3, 1e4, 1e5, 1e6,
+)
+CAPTURE_ATTR = "align_lora_capture"  # the `AlignCapture` of a prepared model
+
+Kernel = Literal["paper", "code"]
+Pooling = Literal["mean", "tokens"]
+
+
+@dataclass(frozen=True)
+class AlignLoraSettings:
+    """Settings of Align-LoRA: those of plain LoRA plus the alignment penalty's.
+
+    Attributes:
+        rank: LoRA rank r of every adapted module.
+        lora_alpha: LoRA alpha; ``None`` means ``rank`` (scaling 1).
+        lora_dropout: dropout on the LoRA input during training (A·x is taken after it).
+        target_modules: module names inside the language model; ``None`` = every linear layer (as LoRA).
+        align_lambda: λ, the weight of the MK-MMD² term (0 = plain LoRA on stratified batches).
+        kernel: ``"paper"`` exp(−d²/(2σ²)) or ``"code"`` exp(−d²/(2σ)).
+        pooling: ``"mean"`` over non-padding tokens per sample (paper) or ``"tokens"``, position by position with
+            padding (code).
+        bandwidths: the σ of the summed Gaussian kernels (YAML list; numbers as strings such as ``1e-6`` accepted).
+    """
+
+    rank: int = 64
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+    align_lambda: float = 0.01
+    kernel: Kernel = "paper"
+    pooling: Pooling = "mean"
+    bandwidths: tuple[float, ...] = REFERENCE_BANDWIDTHS
+
+    def __post_init__(self) -> None:
+        try:
+            lora = LoraSettings(self.rank, self.lora_alpha, self.lora_dropout, self.target_modules)
+        except ValueError as err:
+            raise ValueError(str(err).replace("LoraSettings.", "AlignLoraSettings.", 1)) from None
+        object.__setattr__(self, "target_modules", lora.target_modules)
+        lam = _number(self.align_lambda)
+        if lam is None or not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"AlignLoraSettings.align_lambda must be >= 0, got {self.align_lambda!r}")
+        object.__setattr__(self, "align_lambda", lam)
+        if self.kernel not in ("paper", "code"):
+            raise ValueError(f"AlignLoraSettings.kernel must be 'paper' or 'code', got {self.kernel!r}")
+        if self.pooling not in ("mean", "tokens"):
+            raise ValueError(f"AlignLoraSettings.pooling must be 'mean' or 'tokens', got {self.pooling!r}")
+        values = self.bandwidths if isinstance(self.bandwidths, Sequence) and not isinstance(self.bandwidths, str) \
+            else None
+        sigmas = tuple(_number(s) for s in values) if values else ()
+        if not sigmas or not all(s is not None and math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError("AlignLoraSettings.bandwidths must be a non-empty list of finite numbers > 0, got "
+                             f"{self.bandwidths!r}")
+        object.__setattr__(self, "bandwidths", sigmas)
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The plain LoRA part of the settings."""
+        return LoraSettings(self.rank, self.lora_alpha, self.lora_dropout, self.target_modules)
+
+    @property
+    def alpha(self) -> float:
+        """The resolved lora_alpha."""
+        return self.lora.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (lora_alpha resolved) and the MMD² estimator used."""
+        out = dataclasses.asdict(self)
+        out.update(lora_alpha=self.alpha, bandwidths=list(self.bandwidths), estimator="biased")
+        if out["target_modules"] is not None:
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (ints and numeric strings too), or ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The penalty as pure tensor functions
+
+
+def mean_pool(a: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``a`` over each sample's non-padding positions.
+
+    Args:
+        a: (B, L, r) activations.
+        mask: (B, L) attention mask, 1 on real tokens; a sample without any gets the zero vector.
+
+    Returns:
+        (B, r), in ``a``'s dtype.
+    """
+    weights = mask.to(a.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (a * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def kernel_matrix(x: Tensor, y: Tensor, bandwidths: Sequence[float], kernel: Kernel = "paper") -> Tensor:
+    """Sum of Gaussian kernels between every sample of ``x`` and every sample of ``y``.
+
+    k(u, v) = Σ_σ exp(−‖u − v‖² / (2σ²)) (``"paper"``) or Σ_σ exp(−‖u − v‖² / (2σ)) (``"code"``). With 3-D inputs
+    position s of one sample is compared with position s of the other, and the kernel is averaged over positions.
+    Distances come from explicit differences, so identical samples are at distance exactly 0 (the narrowest
+    bandwidths turn any rounding error of a Gram-matrix expansion into a missing 1).
+
+    Args:
+        x: (n, r) or (n, L, r).
+        y: (m, r) or (m, L, r), same layout as ``x``.
+        bandwidths: the σ values.
+        kernel: ``"paper"`` or ``"code"``.
+
+    Returns:
+        (n, m) kernel values, in the promoted dtype of the inputs and float32.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    sq = (x.to(dtype).unsqueeze(1) - y.to(dtype).unsqueeze(0)).square().sum(-1)  # (n, m) or (n, m, L)
+    sigma = torch.tensor(bandwidths, dtype=dtype, device=sq.device)
+    gamma = 1.0 / (2.0 * (sigma.square() if kernel == "paper" else sigma))  # (S,)
+    k = torch.exp(-sq.unsqueeze(-1) * gamma).sum(-1)  # (n, m[, L])
+    return k.mean(-1) if k.dim() == 3 else k
+
+
+def mk_mmd2(x: Tensor, y: Tensor, bandwidths: Sequence[float], kernel: Kernel = "paper") -> Tensor:
+    """Biased multi-kernel MMD²: mean K(x, x) + mean K(y, y) − 2 mean K(x, y), diagonals included.
+
+    Args:
+        x: (n, r) or (n, L, r) representations of one task.
+        y: (m, r) or (m, L, r) representations of another.
+        bandwidths: the σ values of `kernel_matrix`.
+        kernel: ``"paper"`` or ``"code"``.
+
+    Returns:
+        A scalar ≥ 0 (up to rounding).
+    """
+    return (kernel_matrix(x, x, bandwidths, kernel).mean() + kernel_matrix(y, y, bandwidths, kernel).mean()
+            - 2.0 * kernel_matrix(x, y, bandwidths, kernel).mean())
+
+
+def task_averaging(task_id: Tensor, dtype: torch.dtype = torch.float64) -> Tensor | None:
+    """Row t averages over the samples of the t-th task present: W (T, B), W[t, b] = [task_id[b] = t] / n_t.
+
+    Args:
+        task_id: (B,) integer task ids.
+        dtype: dtype of the result (float64 by default: cast exactly-rounded to the kernel's dtype later).
+
+    Returns:
+        W, or ``None`` if fewer than 2 tasks are present (no pair to compare).
+    """
+    tasks = task_id.unique()  # (T,)
+    if tasks.numel() < 2:
+        return None
+    member = (task_id.unsqueeze(0) == tasks.unsqueeze(1)).to(dtype)  # (T, B)
+    return member / member.sum(1, keepdim=True)
+
+
+def layer_alignment(a: Tensor, mask: Tensor, weights: Tensor, bandwidths: Sequence[float], kernel: Kernel = "paper",
+                    pooling: Pooling = "mean") -> Tensor:
+    """MK-MMD² of one layer's A·x averaged over the task pairs of ``weights`` (`task_averaging`, T >= 2).
+
+    With K the (B, B) kernel matrix, M = W K Wᵀ holds the mean of K over each (task i, task j) block, so the biased
+    MMD² of the pair is M_ii + M_jj − 2 M_ij.
+
+    Args:
+        a: (B, L, r) outputs of one ``lora_A``, any float dtype (computed in at least float32).
+        mask: (B, L) attention mask.
+        weights: (T, B) task-averaging matrix.
+        bandwidths: the σ values.
+        kernel: ``"paper"`` or ``"code"``.
+        pooling: ``"mean"`` (per sample over non-padding tokens) or ``"tokens"`` (position by position).
+
+    Returns:
+        A scalar in float32 (float64 for float64 inputs).
+    """
+    a = a.to(torch.promote_types(a.dtype, torch.float32))  # pool bf16 activations in float32
+    feats = mean_pool(a, mask) if pooling == "mean" else a  # (B, r) or (B, L, r)
+    k = kernel_matrix(feats, feats, bandwidths, kernel)  # (B, B)
+    weights = weights.to(k.dtype)
+    block_means = weights @ k @ weights.T  # (T, T)
+    within = block_means.diagonal()
+    mmd = within.unsqueeze(0) + within.unsqueeze(1) - 2.0 * block_means  # (T, T), symmetric, zero diagonal
+    i, j = torch.triu_indices(len(weights), len(weights), offset=1, device=k.device)
+    return mmd[i, j].mean()
+
+
+def alignment_loss(a: Tensor, mask: Tensor, task_id: Tensor, bandwidths: Sequence[float], kernel: Kernel = "paper",
+                   pooling: Pooling = "mean") -> Tensor:
+    """MK-MMD² between the tasks of one layer's A·x, averaged over the pairs of tasks present.
+
+    Args:
+        a: (B, L, r) outputs of one ``lora_A``.
+        mask: (B, L) attention mask.
+        task_id: (B,) integer task ids.
+        bandwidths: the σ values.
+        kernel: ``"paper"`` or ``"code"``.
+        pooling: ``"mean"`` (per sample over non-padding tokens) or ``"tokens"`` (position by position).
+
+    Returns:
+        A scalar in float32 (float64 for float64 inputs); 0 without gradient if fewer than 2 tasks are present.
+    """
+    weights = task_averaging(task_id)
+    if weights is None:
+        return torch.zeros((), dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)
+    return layer_alignment(a, mask, weights, bandwidths, kernel, pooling)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capturing A·x during the training forward
+
+
+class AlignCapture:
+    """The per-layer A·x of the model's current training forward (a prepared model's ``align_lora_capture``).
+
+    Attributes:
+        settings: the settings the model was prepared with (`describe` records them).
+        outputs: ``{PEFT layer name: A·x (B, L, r)}`` of the last forward in train mode with gradients enabled.
+    """
+
+    def __init__(self, settings: AlignLoraSettings) -> None:
+        self.settings = settings
+        self.outputs: dict[str, Tensor] = {}
+
+    def start_forward(self, task_id: Tensor | None) -> None:
+        """Drop the previous forward's activations (the task ids themselves come with the batch)."""
+        self.outputs.clear()
+
+    def take(self) -> dict[str, Tensor]:
+        """The captured activations, leaving the capture empty (nothing outlives the step's graph)."""
+        outputs, self.outputs = self.outputs, {}
+        return outputs
+
+
+class _KeepOutput:
+    """Forward hook of one ``lora_A`` module: store its output while training with gradients."""
+
+    def __init__(self, capture: AlignCapture, name: str) -> None:
+        self.capture = capture
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.capture.outputs[self.name] = output
+
+
+def prepare_align_lora(model: nn.Module, settings: AlignLoraSettings, ctx: MethodContext) -> nn.Module:
+    """PEFT LoRA (`prepare_lora`, seeded by ``ctx.seed``) with A·x capture hooks and ``task_id`` consumption.
+
+    Args:
+        model: a transformers model, modified in place.
+        settings: LoRA and penalty settings.
+        ctx: only ``ctx.seed`` is used.
+
+    Returns:
+        The `PeftModel` with an `AlignCapture` as ``align_lora_capture``.
+    """
+    peft_model = prepare_lora(model, settings.lora, ctx)
+    capture = AlignCapture(settings)
+    adapter = peft_model.active_adapter
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            module.lora_A[adapter].register_forward_hook(_KeepOutput(capture, name))
+    consume_task_ids(peft_model, capture.start_forward)
+    setattr(peft_model, CAPTURE_ATTR, capture)
+    return peft_model
+
+
+def capture_of(model: nn.Module) -> AlignCapture:
+    """The `AlignCapture` of a model prepared by `prepare_align_lora` (also through a DDP wrapper).
+
+    Raises:
+        TypeError: the model was not prepared by Align-LoRA.
+    """
+    capture = getattr(getattr(model, "module", model), CAPTURE_ATTR, None)
+    if not isinstance(capture, AlignCapture):
+        raise TypeError(f"{type(model).__name__} was not prepared by ALIGN_LORA.prepare (no {CAPTURE_ATTR})")
+    return capture
+
+
+def align_regularizer(model: nn.Module, settings: AlignLoraSettings, batch: Mapping[str, Any]) -> Tensor:
+    """λ · MK-MMD² between the tasks of the micro-batch on A·x, averaged over task pairs and adapted layers.
+
+    Call it right after the training forward of ``batch`` (as `thanora.train.train` does); it consumes the
+    activations that forward captured. With fewer than 2 tasks in the batch, or λ = 0, it is 0 (no gradient).
+
+    Args:
+        model: the prepared model, after its training forward on ``batch``.
+        settings: λ, kernel, pooling and bandwidths.
+        batch: ``task_id`` (B,) and ``attention_mask`` (B, L) of the forward.
+
+    Returns:
+        A scalar (float32, or float64 for a float64 model).
+
+    Raises:
+        ValueError: the batch has no ``task_id``.
+        RuntimeError: nothing was captured (no training-mode forward with gradients) or the captured activations
+            do not match the batch.
+    """
+    outputs = capture_of(model).take()
+    task_id = batch.get("task_id")
+    if not isinstance(task_id, Tensor):
+        raise ValueError("Align-LoRA needs batch['task_id'] (LongTensor (B,)): train with task ids")
+    weights = task_averaging(task_id) if settings.align_lambda > 0 else None
+    if weights is None:  # λ = 0 or fewer than 2 tasks
+        return torch.zeros((), device=task_id.device)
+    if not outputs:
+        raise RuntimeError("Align-LoRA captured no A·x: call the regulariser right after a forward in train mode "
+                           "with gradients enabled")
+    mask = batch.get("attention_mask")
+    losses = []
+    for name, a in outputs.items():  # a: (B, L, r)
+        layer_mask = torch.ones(a.shape[:2], device=a.device) if mask is None else mask.to(a.device)
+        if a.shape[:2] != layer_mask.shape or a.shape[0] != task_id.shape[0]:
+            raise RuntimeError(f"A·x of {name} has shape {tuple(a.shape)}, which does not match the batch "
+                               f"(task_id {tuple(task_id.shape)}, attention_mask {tuple(layer_mask.shape)})")
+        losses.append(layer_alignment(a, layer_mask, weights.to(a.device), settings.bandwidths, settings.kernel,
+                                      settings.pooling))
+    return settings.align_lambda * torch.stack(losses).mean()
+
+
+def describe_align_lora(model: nn.Module) -> dict[str, Any]:
+    """``align_lora.json``: the settings with the paper/code choices (kernel, pooling, bandwidths, estimator)."""
+    return {"align_lora.json": capture_of(model).settings.to_dict()}
+
+
+ALIGN_LORA = Method(
+    name="align_lora",
+    paper="Liu, Cheng, Chang and Wu, Align, Don't Divide: Revisiting the LoRA Architecture in Multi-Task Learning, "
+          "2025 (arXiv:2508.05078)",
+    config_cls=AlignLoraSettings,
+    mergeable=True,
+    task_id_at_train=True,
+    task_id_at_test=False,
+    prepare=prepare_align_lora,
+    regularizer=align_regularizer,
+    export=save_lora,
+    save=save_lora,
+    load=load_peft_adapter,
+    param_count=lora_param_count,
+    describe=describe_align_lora,
+    stratified_batches=True,
+)
+
+__all__ = ["ALIGN_LORA", "REFERENCE_BANDWIDTHS", "AlignCapture", "AlignLoraSettings", "align_regularizer",
+           "alignment_loss", "capture_of", "kernel_matrix", "layer_alignment", "mean_pool", "mk_mmd2",
+           "prepare_align_lora", "task_averaging"]

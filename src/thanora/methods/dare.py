@@ -1,0 +1,373 @@
+"""DARE (Yu et al., 2024): one LoRA per task, trained on its own task's samples, then merged by drop-and-rescale.
+
+Training: T PEFT LoRA adapters, one per task (adapter name = task name, task order = ``ctx.calibration``'s order =
+the ``task_id`` of the training batches), all active in one model and trained jointly in the one training loop, but
+each sample goes through its own task's adapter only: a forward hook on every ``lora_B[t]`` multiplies its output by
+(task_id == t) per sample. So adapter t's gradient comes only from task t's samples, as if the adapters were trained
+separately on the same data; the remaining couplings are the optimiser's: one global gradient-clipping norm, one
+learning-rate schedule, the task loss averaged over all tokens of a mixed batch (a task's gradient is scaled by its
+share of the batch's tokens), and Adam moving an adapter by its momentum on a step without its task's samples.
+A forward without ``task_id`` (evaluation before `finalize`, ``generate``) sends every sample through Σ_t w_t·ΔW_t,
+the merge's expectation.
+
+Merge (`finalize`, in ΔW space, per module): ΔW_t = s_t·B_t·A_t; every entry kept with probability p = ``density``
+and rescaled by 1/p (masks drawn from a generator seeded by ``drop_seed`` and the module index); ΔW = Σ_t w_t·ΔW̃_t
+with w_t = 1/T by default; then the best rank-``svd_rank`` approximation (truncated SVD, default rank = Σ_t r_t = the
+``rank`` budget, capped at min(d_in, d_out)) becomes one ordinary PEFT LoRA adapter on the original base (alpha = rank,
+B = U·√S, A = √S·Vᵀ). The relative Frobenius error of that truncation is recorded per module (``dare.json`` in the
+run folder and ``dare_merge.json`` beside the exported adapter). The model `finalize` returns holds exactly the
+exported adapter, so what is evaluated is what is exported.
+
+Paper vs code: the paper merges fully fine-tuned task vectors with task arithmetic and a scaling searched on
+validation data; PEERS.md fixes the LoRA variant (ΔW_t of per-task LoRAs, weights 1/T, density 0.5). PEFT's
+``add_weighted_adapter(combination_type="dare_linear")`` drops entries of the stacked A and B factors, not of ΔW
+(wrong), and breaks with ``rank_pattern`` (PEERS.md). PEFT's ``dare_linear_svd`` computes the same ΔW-space merge
+as here (``random_pruning`` with rescale, weighted sum, SVD), but draws its masks from the global RNG and does not
+report the truncation error, so the merge is written here (a test checks it against ``dare_linear_svd`` at p = 1).
+
+Defaults: ``rank`` 64 is the budget summed over the task adapters (T = 2 → 32 each; r_t = ⌊R/T⌋, the first R mod T
+tasks one more), so DARE trains as many parameters as LoRA at the same rank and its merged adapter has that rank; alpha
+= rank (scaling 1 for every task adapter: alpha_t = r_t·alpha/rank), dropout 0.05, density 0.5, weights 1/T,
+drop_seed 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from thanora.artifacts import atomic_dir
+from thanora.methods import Method, MethodContext, consume_task_ids
+from thanora.methods.lora import (
+    LoraSettings,
+    check_rank,
+    load_peft_adapter,
+    lora_config,
+    lora_param_count,
+    seeded_rng,
+)
+from thanora.targets import Target, find_targets
+
+SIDECAR = "dare_merge.json"
+MERGED = "default"  # PEFT writes the adapter called "default" at the top of the folder
+
+
+@dataclass(frozen=True)
+class DareSettings(LoraSettings):
+    """Settings of DARE.
+
+    Attributes:
+        rank: rank budget R per module, summed over the T task adapters (r_t = ⌊R/T⌋, the first R mod T tasks get one
+            more); also the default rank of the merged adapter.
+        lora_alpha: LoRA alpha of the budget; ``None`` means ``rank``. Every task adapter gets the scaling
+            alpha / rank (alpha_t = r_t · alpha / rank).
+        lora_dropout: dropout on each adapter's input during training.
+        target_modules: as `LoraSettings.target_modules`.
+        density: probability p that an entry of ΔW_t is kept (kept entries are multiplied by 1/p); 1 = no drop.
+        weights: merge weight w_t of each task, in task order; ``None`` means 1/T each.
+        svd_rank: rank of the merged adapter; ``None`` means ``rank`` (Σ_t r_t). Capped at min(d_in, d_out).
+        drop_seed: seed of the drop masks (a setting of its own, saved with the run config and recorded with the
+            merge, so the merge can be redrawn or varied without retraining; `finalize` has no `MethodContext`).
+    """
+
+    density: float = 0.5
+    weights: tuple[float, ...] | None = None
+    svd_rank: int | None = None
+    drop_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.density, bool) or not isinstance(self.density, int | float) or not 0 < self.density <= 1:
+            raise ValueError(f"DareSettings.density must be in (0, 1], got {self.density!r}")
+        if self.weights is not None:
+            values = tuple(self.weights) if isinstance(self.weights, list | tuple) else ()
+            if not values or not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w)
+                                     for w in values):
+                raise ValueError(f"DareSettings.weights must be null (1/T each) or a non-empty list of finite numbers, "
+                                 f"got {self.weights!r}")
+            object.__setattr__(self, "weights", tuple(float(w) for w in values))
+        if self.svd_rank is not None and not _is_int_at_least(self.svd_rank, 1):
+            raise ValueError(f"DareSettings.svd_rank must be null (= rank) or an integer >= 1, got {self.svd_rank!r}")
+        if not _is_int_at_least(self.drop_seed, 0):
+            raise ValueError(f"DareSettings.drop_seed must be an integer >= 0, got {self.drop_seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (lora_alpha resolved)."""
+        out = super().to_dict()
+        if out["weights"] is not None:
+            out["weights"] = list(out["weights"])
+        return out
+
+
+def task_ranks(budget: int, n_tasks: int) -> list[int]:
+    """Split the rank budget over the tasks: ⌊R/T⌋ each, the first R mod T tasks one more (Σ = R).
+
+    Raises:
+        ValueError: more tasks than the budget (a task would get rank 0).
+    """
+    if n_tasks > budget:
+        raise ValueError(f"DareSettings.rank={budget} is the budget summed over the task adapters; it must be at "
+                         f"least the number of tasks ({n_tasks})")
+    return [budget // n_tasks + (i < budget % n_tasks) for i in range(n_tasks)]
+
+
+def task_weights(settings: DareSettings, n_tasks: int) -> list[float]:
+    """The merge weights: ``settings.weights`` (one per task) or 1/T each."""
+    if settings.weights is None:
+        return [1.0 / n_tasks] * n_tasks
+    if len(settings.weights) != n_tasks:
+        raise ValueError(f"DareSettings.weights has {len(settings.weights)} values for {n_tasks} tasks")
+    return list(settings.weights)
+
+
+def drop_and_rescale(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE's drop: each entry kept with probability ``density`` and divided by it (E[result] = delta).
+
+    Args:
+        delta: any tensor (ΔW_t, (d_out, d_in)).
+        density: keep probability p in (0, 1]; 1 returns ``delta`` unchanged.
+        generator: on ``delta``'s device; consumed.
+    """
+    if density >= 1.0:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
+    return delta * keep / density
+
+
+def dare_merge(deltas: Sequence[Tensor], weights: Sequence[float], density: float, generator: torch.Generator
+               ) -> Tensor:
+    """Σ_t w_t · drop_and_rescale(ΔW_t): the merged update of one module (masks drawn in task order)."""
+    merged = torch.zeros_like(deltas[0])
+    for weight, delta in zip(weights, deltas, strict=True):
+        merged += weight * drop_and_rescale(delta, density, generator)
+    return merged
+
+
+def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``rank`` factors of ``delta`` (d_out, d_in) by truncated SVD.
+
+    Returns:
+        ``(A (rank, d_in), B (d_out, rank), relative Frobenius error ‖ΔW − B·A‖ / ‖ΔW‖)``, B = U·√S, A = √S·Vᵀ
+        (0 error for a zero ΔW).
+    """
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    root = S[:rank].sqrt()
+    total = float(S.square().sum())
+    error = math.sqrt(float(S[rank:].square().sum()) / total) if total > 0 else 0.0
+    return root[:, None] * Vh[:rank], U[:, :rank] * root, error
+
+
+@dataclass(frozen=True)
+class DareRecord:
+    """What DARE keeps beside the PEFT layers: the task adapters, and after `finalize` the merge it made.
+
+    Attributes:
+        tasks: adapter (= task) names in task-id order.
+        ranks: r_t per task.
+        weights: merge weights w_t (also the weights of a forward without task ids).
+        targets: the adapted modules.
+        merge: after `finalize`: settings used, merged rank and truncation error per module; empty before.
+    """
+
+    tasks: tuple[str, ...]
+    ranks: tuple[int, ...]
+    weights: tuple[float, ...]
+    targets: dict[str, Target]
+    merge: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``dare.json``, ``dare_merge.json``)."""
+        return {"tasks": list(self.tasks), "task_ranks": dict(zip(self.tasks, self.ranks, strict=True)),
+                "weights": dict(zip(self.tasks, self.weights, strict=True)), **self.merge}
+
+
+class _TaskMask:
+    """Per-sample routing of the training forward: each ``lora_B[t]`` output times (task_id == t), or times w_t."""
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        self.weights = list(weights)
+        self.task_ids: Tensor | None = None
+
+    def set(self, task_ids: Tensor | None) -> None:
+        self.task_ids = task_ids
+
+    def clear(self, *_: Any) -> None:
+        self.task_ids = None  # after every forward: a later generate() (no PeftModel.forward) sees no stale ids
+
+    def hook(self, task: int) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
+        """The forward hook of task ``task``'s ``lora_B``: its output (B, ..., d_out) times the per-sample factor."""
+        def scale(_module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> Tensor:
+            if self.task_ids is None:
+                return output * self.weights[task]
+            ids = self.task_ids.to(output.device)
+            if output.shape[0] != ids.shape[0]:
+                raise RuntimeError(f"DARE: task_id holds {ids.shape[0]} ids but the adapter output has leading "
+                                   f"dimension {output.shape[0]}; task_id must be (batch,)")
+            return output * (ids == task).to(output.dtype).view(-1, *[1] * (output.dim() - 1))
+
+        return scale
+
+
+def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -> PeftModel:
+    """One PEFT LoRA adapter per task (named after the task), all trainable, each fed its own task's samples only.
+
+    Args:
+        model: a transformers model, modified in place.
+        settings: DARE's settings.
+        ctx: ``calibration`` supplies the task names in task-id order (its batches are not used); ``seed`` seeds the
+            adapters' Kaiming-uniform A (the global RNG is left as it was).
+
+    Returns:
+        The `PeftModel` in the caller's train/eval mode; its forward takes ``task_id`` (LongTensor (B,)).
+    """
+    if not ctx.calibration:
+        raise ValueError("DARE needs the task names, in task-id order: MethodContext.calibration is empty")
+    tasks = list(ctx.calibration)
+    bad = [t for t in tasks if not t.isidentifier() or t == MERGED]
+    if bad:
+        raise ValueError(f"DARE names its adapters after the tasks: task name {bad[0]!r} must be an identifier other "
+                         f"than {MERGED!r}")
+    ranks = task_ranks(settings.rank, len(tasks))
+    weights = task_weights(settings, len(tasks))
+    targets = find_targets(model, settings.target_modules)
+    check_rank(targets, max(ranks), "DareSettings")
+    scaling = settings.alpha / settings.rank
+    configs = [lora_config(model, targets, r, scaling * r, settings.lora_dropout) for r in ranks]
+    was_training = model.training
+    with seeded_rng(model, ctx.seed):
+        peft_model = get_peft_model(model, configs[0], adapter_name=tasks[0])
+        for task, config in zip(tasks[1:], configs[1:], strict=True):
+            peft_model.add_adapter(task, config)
+    peft_model.base_model.set_adapter(tasks)  # all active, all trainable
+    mask = _TaskMask(weights)
+    for name in targets:
+        layer = peft_model.base_model.model.get_submodule(name)
+        for index, task in enumerate(tasks):
+            layer.lora_B[task].register_forward_hook(mask.hook(index))
+    consume_task_ids(peft_model, mask.set)
+    peft_model.register_forward_hook(mask.clear)
+    peft_model.thanora_dare = DareRecord(tuple(tasks), tuple(ranks), tuple(weights), dict(targets))
+    peft_model.train(was_training)
+    return peft_model
+
+
+def record_of(model: nn.Module) -> DareRecord:
+    """The `DareRecord` of a model from `prepare_dare` or `finalize_dare` (also through DDP wrappers)."""
+    inner = getattr(model, "module", model)
+    record = getattr(inner, "thanora_dare", None)
+    if not isinstance(record, DareRecord):
+        raise TypeError(f"{type(inner).__name__} was not prepared by DARE (no DareRecord)")
+    return record
+
+
+def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
+    """Merge the task adapters (drop-and-rescale in ΔW space, weighted sum, truncated SVD) into one PEFT LoRA adapter.
+
+    Args:
+        model: the trained model from `prepare_dare` (its task adapters are removed).
+        settings: density, weights (these, not those given to `prepare_dare`, are used), svd_rank, drop_seed,
+            dropout.
+
+    Returns:
+        A new `PeftModel` on the original base with one adapter (``"default"``), frozen, in eval mode: exactly what
+        `export_dare` writes.
+    """
+    inner = getattr(model, "module", model)
+    record = record_of(inner)
+    if record.merge:
+        raise ValueError("this DARE model is already merged (finalize was applied)")
+    base = inner.base_model.model
+    weights = task_weights(settings, len(record.tasks))
+    target_rank = settings.svd_rank or sum(record.ranks)
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    errors: dict[str, float] = {}
+    with torch.no_grad():
+        for index, name in enumerate(record.targets):
+            layer = base.get_submodule(name)
+            deltas = []
+            for task in record.tasks:
+                A, B = layer.lora_A[task].weight, layer.lora_B[task].weight
+                dtype = torch.promote_types(A.dtype, torch.float32)
+                deltas.append(layer.scaling[task] * (B.to(dtype) @ A.to(dtype)))  # (d_out, d_in)
+            generator = torch.Generator(device=deltas[0].device).manual_seed(settings.drop_seed * 1_000_003 + index)
+            merged = dare_merge(deltas, weights, settings.density, generator)
+            rank = min(target_rank, *merged.shape)
+            A, B, errors[name] = low_rank(merged, rank)
+            factors[name] = (A, B)
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    rank_pattern = {name: r for name, r in ranks.items() if r != target_rank}
+    config = LoraConfig(
+        r=target_rank, lora_alpha=target_rank, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+        lora_dropout=settings.lora_dropout, target_modules=list(record.targets),
+        fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()), bias="none",
+        task_type=getattr(inner.peft_config[record.tasks[0]], "task_type", None),
+        base_model_name_or_path=getattr(inner.peft_config[record.tasks[0]], "base_model_name_or_path", None),
+    )
+    original = inner.unload()  # LoRA layers removed, base weights untouched (DARE has no residual base)
+    with seeded_rng(original, settings.drop_seed):  # PEFT's own init is overwritten below; keep the global RNG
+        merged_model = get_peft_model(original, config)
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            layer = merged_model.base_model.model.get_submodule(name)
+            lora_A, lora_B = layer.lora_A[MERGED].weight, layer.lora_B[MERGED].weight
+            lora_A.copy_(A.to(lora_A))
+            lora_B.copy_(B.to(lora_B))
+    merged_model.requires_grad_(False)
+    merged_model.eval()
+    merge = {
+        "density": settings.density, "drop_seed": settings.drop_seed, "svd_rank": target_rank,
+        "merged_ranks": ranks,
+        "relative_frobenius_error": errors,
+        "mean_relative_frobenius_error": sum(errors.values()) / len(errors),
+        "max_relative_frobenius_error": max(errors.values()),
+    }
+    merged_model.thanora_dare = DareRecord(record.tasks, record.ranks, tuple(weights), record.targets, merge)
+    return merged_model
+
+
+def export_dare(model: nn.Module, out_dir: Path) -> None:
+    """Write the merged adapter (stock PEFT, original base) and ``dare_merge.json``; only after `finalize_dare`."""
+    inner = getattr(model, "module", model)
+    record = record_of(inner)
+    if not record.merge:
+        raise ValueError("DARE exports the merged adapter: apply DARE.finalize (finalize_dare) to the trained model "
+                         "first")
+    with atomic_dir(out_dir) as tmp:
+        inner.save_pretrained(str(tmp))
+        (tmp / SIDECAR).write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def describe_dare(model: nn.Module) -> dict[str, Any]:
+    """``dare.json``: tasks, ranks and weights; after `finalize`, the merge settings and truncation errors."""
+    return {"dare.json": record_of(model).to_dict()}
+
+
+def _is_int_at_least(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+DARE = Method(
+    name="dare",
+    paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+          "ICML 2024 (arXiv:2311.03099)",
+    config_cls=DareSettings,
+    mergeable=True,
+    task_id_at_train=True,
+    task_id_at_test=False,
+    prepare=prepare_dare,
+    regularizer=None,
+    export=export_dare,
+    save=export_dare,
+    load=load_peft_adapter,
+    param_count=lora_param_count,
+    describe=describe_dare,
+    finalize=finalize_dare,
+)
