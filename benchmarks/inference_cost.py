@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "dora (unmerged)": ("dora", {"rank": 64, "lora_dropout": 0.0}),
     "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}),
     "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}),
-    "mtlora": ("mtlora", {}),
+    "mtlora": ("mtlora", {"rank": 16, "n_heads": 16, "groups": 18}),  # configs/csqa_obqa_mtlora.yaml
 }
 
 
@@ -61,14 +61,16 @@ def build_variant(label: str, device: torch.device, calibration: dict[str, list]
     model, _ = prepare(name, settings, base, calibration)
     simulate_training_(model)
     info = {"params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if "merged" in label:
+    if label.endswith("(merged)"):
         adapter = workdir / label.replace(" ", "_").replace("(", "").replace(")", "")
         get_method(name).export(model, adapter)
         folder = merge_adapter_into(load_base(device)[0], adapter, adapter.with_name(adapter.name + "_merged"))
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         probe = torch.randint(3, 1000, (2, 24), device=device)
         with torch.no_grad():
-            info["max_abs_dlogits_merged_vs_unmerged"] = float((merged(probe).logits - model(probe).logits).abs().max())
+            reference = model(probe).logits
+            info["max_abs_dlogits_merged_vs_unmerged"] = float((merged(probe).logits - reference).abs().max())
+            info["max_abs_logits"] = float(reference.abs().max())
         return merged, info
     return model.eval(), info
 

@@ -5,8 +5,9 @@ Part 1, methods: SmolLM2-135M-Instruct, every linear layer of the decoder, rank 
 budget), task-stratified batches of real CSQA + OBQA training examples (batch 8, answer-only labels). Each method
 runs in a fresh process: prepare (not timed), then ``--warmup`` + ``--steps`` optimiser steps of the loop
 `thanora.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
-regulariser, backward, clipping, AdamW); the median step time and the peak memory above the prepared model's
-(RSS on CPU, allocated on CUDA) are reported as ratios to LoRA's, measured in the same run.
+regulariser, backward, clipping, AdamW); the median step time and the peak memory of all the steps above the
+prepared model's (optimiser state, gradients, activations; RSS on CPU after returning freed memory to the OS,
+allocated on CUDA) are reported as ratios to LoRA's, measured in the same run.
 
 Part 2, SPR vs PEGO: ThanoRA prepared for 2 and 4 tasks, on all linear layers and on q/k/v only; in the same
 process, interleaved, steps with no regulariser, with SPR (SPEC §5: Gram-block form, never forms a d_out × d_in
@@ -93,6 +94,18 @@ class _CudaPeak:
         return (self.peak - self.base) / 2**20
 
 
+def release_freed_memory() -> None:
+    """Hand memory that is free but still mapped back to the OS (glibc ``malloc_trim``), so a later RSS delta
+    counts what the measured block allocates rather than what it happens to reuse (no-op off glibc)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def train_steps(model: nn.Module, method: Any, settings: Any, batches: list[dict[str, torch.Tensor]],
                 optimizer: torch.optim.Optimizer, device: torch.device,
                 penalty: Any = None) -> list[float]:
@@ -134,8 +147,9 @@ def run_method(job: Job) -> dict[str, Any]:
     model, settings = prepare(job.method, job.settings, base, data.calibration)
     method = get_method(job.method)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    train_steps(model, method, settings, batches[: job.warmup], optimizer, device)  # allocates optimiser state
-    with _memory_scope(device) as memory:
+    release_freed_memory()  # calibration buffers freed by prepare must not be reused unseen by the RSS delta
+    with _memory_scope(device) as memory:  # optimiser state, gradients, activations, the method's own buffers
+        train_steps(model, method, settings, batches[: job.warmup], optimizer, device)
         times = train_steps(model, method, settings, batches[job.warmup:], optimizer, device)
     return {"label": job.label, "method": job.method, "settings": job.settings, "params": trainable_count(model),
             "step_s": statistics.median(times), "step_s_all": times, "peak_mb": memory.peak_delta_mb}
@@ -214,8 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "train_cost")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    result: dict[str, Any] = {"benchmark": "train_cost",
-                              "meta": run_metadata(vars(args) | {"out": str(args.out)}, device)}
+    meta = run_metadata(vars(args) | {"out": str(args.out)}, device)
+    previous = args.out.with_suffix(".json")
+    result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}  # parts accumulate
+    result |= {"benchmark": "train_cost", "meta": meta}
     context = get_context("spawn")
     if "methods" in args.parts:
         rows = []
@@ -230,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["step_ratio"] = r["step_s"] / lora["step_s"]
             r["memory_ratio"] = r["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] > 0 else math.nan
         result["methods"] = rows
+        result["meta_methods"] = meta
     if "spr" in args.parts:
         rows = []
         for n_tasks in (2, 4):
@@ -242,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"T={n_tasks} {r['targets']}: SPR +{100 * r['overhead']['spr']:.1f} %, PEGO "
                       f"+{100 * r['overhead']['pego']:.1f} %", flush=True)
         result["spr"] = rows
+        result["meta_spr"] = meta
     table = render(result)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,22 +269,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    """Markdown tables: per-method ratios to LoRA; SPR vs PEGO overheads."""
+    """Markdown tables: per-method ratios to LoRA; SPR vs PEGO overheads (each part with the command that made it)."""
     meta = result["meta"]
     memory = "peak allocated" if meta["machine"]["device"].startswith("cuda") else "peak RSS"
-    lines = ["# Training cost (paper Table 5)", "",
-             f"`{meta['command']}` on {meta['machine']['device']} ({meta['machine']['processor']}, "
-             f"{meta['machine']['torch_threads']} threads), {meta['timestamp_utc']}; medians over "
-             f"{meta['args']['steps']} steps after {meta['args']['warmup']} warm-up steps, batch "
-             f"{meta['args']['batch_size']}, max length {meta['args']['max_length']}."]
+    lines = ["# Training cost (paper Table 5)"]
     if "methods" in result:
-        lines += ["", f"| method | trainable params | step time × LoRA | {memory} of the steps × LoRA | s/step | MiB |",
+        lines += ["", _provenance(result.get("meta_methods", meta)), "",
+                  f"| method | trainable params | step time × LoRA | {memory} of the steps × LoRA | s/step | MiB |",
                   "|---|---|---|---|---|---|"]
         for r in result["methods"]:
             lines.append(f"| {r['label']} | {r['params']:,} | {r['step_ratio']:.2f} | {r['memory_ratio']:.2f} | "
                          f"{r['step_s']:.3f} | {r['peak_mb']:.0f} |")
     if "spr" in result:
-        lines += ["", "SPR (Gram blocks) vs PEGO-style full-update penalty on ThanoRA (rank 64):", "",
+        lines += ["", "SPR (Gram blocks) vs PEGO-style full-update penalty on ThanoRA (rank 64). "
+                  + _provenance(result.get("meta_spr", meta)), "",
                   "| tasks | modules | step, no penalty (s) | SPR step overhead | PEGO step overhead | "
                   "SPR alone: ms / MiB | PEGO alone: ms / MiB |", "|---|---|---|---|---|---|---|"]
         for r in result["spr"]:
@@ -276,6 +292,13 @@ def render(result: dict[str, Any]) -> str:
                          f"{1000 * spr['seconds']:.1f} / {spr['peak_mb']:.0f} | "
                          f"{1000 * pego['seconds']:.1f} / {pego['peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _provenance(meta: dict[str, Any]) -> str:
+    return (f"`{meta['command']}` on {meta['machine']['device']} ({meta['machine']['processor']}, "
+            f"{meta['machine']['torch_threads']} threads), {meta['timestamp_utc']}; medians over "
+            f"{meta['args']['steps']} steps after {meta['args']['warmup']} warm-up steps, batch "
+            f"{meta['args']['batch_size']}, max length {meta['args']['max_length']}.")
 
 
 if __name__ == "__main__":

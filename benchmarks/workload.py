@@ -86,13 +86,16 @@ def prepare(name: str, settings: dict[str, Any], base: nn.Module, calibration: d
     return method.prepare(base, config, ctx), config
 
 
-def simulate_training_(model: nn.Module, seed: int = 0, scale: float = 0.02) -> None:
-    """Move every trainable parameter by seeded noise, so zero-initialised factors (LoRA's B) take part as after
-    training (costs do not depend on the values, but merged/unmerged equivalence checks do)."""
+def simulate_training_(model: nn.Module, seed: int = 0, relative: float = 0.1, zero_scale: float = 1e-3) -> None:
+    """Move every trainable parameter as a short training run would: seeded noise of ``relative`` times its own
+    standard deviation, or of ``zero_scale`` for a zero-initialised one (LoRA's B), so every factor takes part and
+    the model stays a sensible language model (costs do not depend on the values; merge checks do)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
+                std = float(p.float().std()) if p.numel() > 1 else 0.0
+                scale = relative * std if std > 0 else zero_scale
                 p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
 
 

@@ -221,5 +221,5 @@ def test_exporting_a_routed_method_as_peft_is_a_clear_error(name: str, tmp_path:
     cfg = config_from_dict({"model": {"name_or_path": "some/model"}, "tasks": [{"name": "a", "source": "csqa"}],
                             "methods": [{"name": name}]})
     cfg.save(tmp_path / "config.yaml")
-    with pytest.raises(ValueError, match=r"cannot be exported as a PEFT adapter \(input-dependent routing\)"):
+    with pytest.raises(ValueError, match=r"cannot be exported as a PEFT adapter \(input-dependent routing.*load_native"):
         export_trained(tmp_path, name)

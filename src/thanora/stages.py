@@ -107,7 +107,9 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
                          f"{[m.label for m in cfg.methods]})")
     method, settings = get_method(spec.name), spec.build()
     if method.export is None:
-        raise ValueError(f"method {label!r} cannot be exported as a PEFT adapter (input-dependent routing)")
+        raise ValueError(f"method {label!r} cannot be exported as a PEFT adapter (input-dependent routing: no fixed "
+                         f"weight update reproduces it); {run_dir}/{label}/adapter holds its native format, loaded "
+                         "with thanora.native.load_native(base_model, folder)")
     pointer = run_dir / label / CHECKPOINTS / LATEST
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer} does not exist: train the method first (thanora train / run)")
