@@ -40,7 +40,7 @@ RUNS = Path(__file__).parent.parent / "runs" / "benchmarks" / "accuracy"
 
 # Per scale: examples per task (train, held-out dev carved from train, eval, calibration), rank budget, lr grid.
 SCALES: dict[str, dict[str, Any]] = {
-    "tiny": {"n_train": 160, "n_dev": 40, "n_eval": 250, "n_calibration": 32, "rank": 16, "lrs": [2e-4, 6e-4],
+    "tiny": {"n_train": 128, "n_dev": 32, "n_eval": 200, "n_calibration": 32, "rank": 16, "lrs": [3e-4, 1e-3],
              "batch_size": 8, "epochs": 1},
     "small": {"n_train": 400, "n_dev": 100, "n_eval": 300, "n_calibration": 64, "rank": 32,
               "lrs": [1e-4, 3e-4, 1e-3], "batch_size": 8, "epochs": 1},
@@ -118,7 +118,8 @@ def run_config(tasks: list[dict], methods: list[dict], lr: float, seed: int, sca
         "tasks": tasks,
         "data": {"max_length": 320 if mixture == 4 else 160, "seed": 0},
         "methods": methods,
-        "train": {"epochs": scale["epochs"], "batch_size": scale["batch_size"], "lr": lr, "seed": seed},
+        "train": {"epochs": scale["epochs"], "batch_size": scale["batch_size"], "grad_accum": 1, "lr": lr,
+                  "seed": seed, "log_every": 4},
         "eval": {"batch_size": 32},
         "output": {"adapter": False, "merged": False, "plots": False, "evaluate_base": evaluate_base},
         "seed": seed,

@@ -117,6 +117,28 @@ def test_spr_loss_is_the_sum_over_modules() -> None:
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def test_batched_spr_loss_equals_the_weighted_per_module_loop_with_gradients() -> None:
+    """spr_loss batches the element-wise work over modules; value and gradients equal Σ weight · spr_penalty per
+    module (spr_normalization init: per-module weights), also after the model moves to float64."""
+    from thanora.layers import spr_mask
+    from thanora.regularizers import spr_penalty
+
+    calib = {f"t{i}": [random_batch(i)] for i in range(3)}
+    model = thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=8, spr_normalization="init"),
+                                  progress=False).double()
+    adapter = thanora.adapter_of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batched = thanora.spr_loss(model)
+    batched_grads = torch.autograd.grad(batched, params)
+    loop = sum(adapter.spr_weights[name] * spr_penalty(*lora_factors(model, name), spr_mask(model, name))
+               for name in adapter.targets)
+    loop_grads = torch.autograd.grad(loop, params)
+    assert batched.dtype == torch.float64 and float(loop) > 0
+    torch.testing.assert_close(batched, loop, rtol=1e-12, atol=0)
+    for got, want in zip(batched_grads, loop_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
 def test_spr_loss_single_task_is_zero() -> None:
     assert float(thanora.spr_loss(_prepared(1))) == 0.0
 

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 _MASK_BUFFER = "thanora_spr_mask"
+_SPR_WEIGHTS_BUFFER = "thanora_spr_weights"  # (M, R, R) on the PeftModel: spr weight × task-pair mask, zero-padded
+_LAYERS_ATTR = "_thanora_lora_layers"  # the M LoRA layers in target order (resolved once, not per step)
 
 
 class ResidualBaseError(RuntimeError):
@@ -118,6 +120,14 @@ def inject_(
     )
     peft_model.__class__ = _guarded_class(type(peft_model))
     peft_model.thanora_adapter = adapter
+    layers = [base.get_submodule(name) for name in inits]
+    object.__setattr__(peft_model, _LAYERS_ATTR, layers)  # a plain list: not registered as submodules twice
+    stack = torch.zeros(len(layers), cfg.rank, cfg.rank, dtype=torch.float64)  # weights can be ~1e-14
+    for i, (name, layer) in enumerate(zip(inits, layers, strict=True)):
+        mask = getattr(layer, _MASK_BUFFER)
+        stack[i, : mask.shape[0], : mask.shape[1]] = adapter.spr_weights[name] * mask.to(torch.float64)
+    peft_model.register_buffer(_SPR_WEIGHTS_BUFFER, stack.to(next(iter(layers)).lora_A[ADAPTER_NAME].weight.device),
+                               persistent=False)
     logger.info("injected ThanoRA (R=%d, %d modules, %d tasks, residual=%s)", cfg.rank, len(inits),
                 len(plan.tasks), cfg.residual)
     return peft_model
@@ -146,6 +156,17 @@ def lora_factors(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tenso
     """The live (trainable) ``(lora_A (R, d_in), lora_B (d_out, R))`` parameters of target ``name``."""
     layer = lora_layer(model, name)
     return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+
+def spr_terms(model: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Every target's live ``(lora_A, lora_B)`` in target order and the (M, R, R) weights of their Gram entries
+    (the module's SPR weight on its task-pair mask, zero elsewhere): what `thanora.prepare.spr_loss` needs, without
+    resolving module names on every training step."""
+    inner = getattr(model, "module", model)
+    adapter_of(inner)
+    layers = getattr(inner, _LAYERS_ATTR)
+    factors = [(layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight) for layer in layers]
+    return factors, getattr(inner, _SPR_WEIGHTS_BUFFER)
 
 
 def spr_mask(model: nn.Module, name: str) -> torch.Tensor:
