@@ -146,7 +146,12 @@ def _top_svd(M: torch.Tensor, rank: int, cfg: ThanoraConfig) -> tuple[torch.Tens
     """Top-``rank`` SVD of M (d_out, d_in): U (d_out, R), S (R,), V (d_in, R)."""
     if cfg.svd == "randomized":
         q = min(rank + cfg.svd_oversample, *M.shape)
-        U, S, V = torch.svd_lowrank(M, q=q, niter=cfg.svd_power_iters)
+        # torch.svd_lowrank draws its test matrix from the global RNG and takes no generator: seed a forked RNG so
+        # the same statistics always give the same factors, and the caller's RNG stream is left as it was.
+        devices = [M.device] if M.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(M, q=q, niter=cfg.svd_power_iters)
         return U[:, :rank].clone(), S[:rank].clone(), V[:, :rank].clone()  # no view pinning the full U
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].T.clone()  # no view pinning the full U
