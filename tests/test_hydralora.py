@@ -4,6 +4,7 @@ training, and the clear error when a routed method is asked for a PEFT export.""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -221,5 +222,21 @@ def test_exporting_a_routed_method_as_peft_is_a_clear_error(name: str, tmp_path:
     cfg = config_from_dict({"model": {"name_or_path": "some/model"}, "tasks": [{"name": "a", "source": "csqa"}],
                             "methods": [{"name": name}]})
     cfg.save(tmp_path / "config.yaml")
-    with pytest.raises(ValueError, match=r"cannot be exported as a PEFT adapter \(input-dependent routing.*load_native"):
+    with pytest.raises(ValueError, match=r"cannot be exported as a PEFT adapter \(input-dependent.*load_native"):
         export_trained(tmp_path, name)
+
+
+def test_cli_run_saves_the_native_adapter_and_eval_reloads_it(tmp_path: Path) -> None:
+    """`thanora run` writes HydraLoRA's native adapter (no merged model: not mergeable); `thanora eval --adapter`
+    recognises the native folder and reproduces the run's metrics."""
+    from conftest import run_tiny
+    from thanora.cli import main
+
+    out = run_tiny(tmp_path, {"name": "hydralora", "n_heads": 2, "rank": 2})
+    assert (out / "hydralora" / "adapter" / "thanora_native.json").is_file()
+    assert not (out / "hydralora" / "merged").exists()
+    assert main(["eval", str(tmp_path / "c.yaml"), "--adapter", str(out / "hydralora" / "adapter"),
+                 "--output", str(tmp_path / "m.json"), "-q"]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())["adapter"]
+    run = json.loads((out / "metrics.json").read_text())["hydralora"]
+    assert again["average"] == pytest.approx(run["average"], abs=1e-9)

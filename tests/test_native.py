@@ -48,7 +48,7 @@ def test_other_method_other_base_or_foreign_folder_is_a_clear_error(tmp_path: Pa
     with pytest.raises(NativeFormatError, match=r"does not fit this base model.*shape mismatch"):
         load_native(wider, tmp_path / "a")
     (tmp_path / "peft").mkdir()
-    with pytest.raises(NativeFormatError, match=r"no thanora_adapter\.json.*PeftModel\.from_pretrained"):
+    with pytest.raises(NativeFormatError, match=r"no thanora_native\.json.*PeftModel\.from_pretrained"):
         load_native(tiny_llama(), tmp_path / "peft")
     meta = json.loads((tmp_path / "a" / META).read_text())
     (tmp_path / "a" / META).write_text(json.dumps({**meta, "format": "thanora-native/99"}))

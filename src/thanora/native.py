@@ -1,6 +1,6 @@
 """thanora's own adapter format, for methods that stock PEFT cannot represent (input-dependent routing).
 
-A folder with ``thanora_adapter.json`` (format version, method name, its settings, the base model's class and
+A folder with ``thanora_native.json`` (format version, method name, its settings, the base model's class and
 ``name_or_path``, and the name and shape of every saved tensor) and ``adapter.safetensors`` (the method's trainable
 parameters under their names in the prepared model). Loading re-runs the method's ``prepare`` on a fresh base
 model (deterministic, no calibration) and copies the tensors in, refusing any mismatch of names or shapes, so a
@@ -19,7 +19,7 @@ from torch import nn
 from thanora.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "thanora-native/1"
-META = "thanora_adapter.json"
+META = "thanora_native.json"
 TENSORS = "adapter.safetensors"
 
 
@@ -51,7 +51,7 @@ def read_native_meta(folder: str | Path) -> dict[str, Any]:
     """The metadata of a native adapter folder.
 
     Raises:
-        NativeFormatError: no ``thanora_adapter.json`` (e.g. a PEFT adapter folder) or an unknown format version.
+        NativeFormatError: no ``thanora_native.json`` (e.g. a PEFT adapter folder) or an unknown format version.
     """
     path = Path(folder) / META
     if not path.is_file():

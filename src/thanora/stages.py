@@ -61,13 +61,18 @@ def plan(cfg: RunConfig, out: Path) -> RankPlan:
 
 
 def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
-    """Metrics of the base model, or of the base model with a stock PEFT adapter loaded, on the config's tasks."""
+    """Metrics of the base model, or of the base model with an adapter loaded (a stock PEFT adapter, or a routed
+    method's native folder, recognised by its ``thanora_native.json``), on the config's tasks."""
     from peft import PeftModel
+
+    from thanora.native import META, load_native
 
     device = resolve_device(cfg.model.device)
     model, processor = load_model(cfg, device), load_processor(cfg)
     tokenizer = load_tokenizer(cfg, processor)
-    if adapter is not None:
+    if adapter is not None and (Path(adapter) / META).is_file():
+        model = load_native(model, adapter)
+    elif adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     state = RunState(cfg, Path("."), [build_task(t, cfg.data.seed) for t in cfg.tasks], device, {}, processor)
     return evaluate_model(model, tokenizer, state, progress=True)
