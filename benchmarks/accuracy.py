@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from common import resolve_device, run_metadata, write_atomic
+from common import publish, resolve_device, run_metadata
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path(__file__).parent.parent / "runs" / "benchmarks" / "accuracy"
@@ -225,10 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
         "runs": str(root),
     }
-    table = render(result)
-    print(table)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
-    write_atomic(out.with_suffix(".md"), table)
+    publish(out, result, render(result))
     return result
 
 

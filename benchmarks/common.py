@@ -118,6 +118,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def publish(out: Path, result: dict[str, Any], table: str) -> None:
+    """Print the markdown ``table`` and write ``out.json`` (the result) and ``out.md`` (the table), atomically."""
+    import json
+
+    print(table)
+    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
+    write_atomic(out.with_suffix(".md"), table)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work so that wall-clock timings include it."""
     if device.type == "cuda":

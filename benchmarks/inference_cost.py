@@ -21,7 +21,6 @@ Writes benchmarks/results/inference_cost.json and .md (atomically); prints the t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import now, resolve_device, run_metadata, sync, write_atomic
+from common import now, publish, resolve_device, run_metadata, sync
 from workload import MIXTURES, eval_features, load_base, prepare, simulate_training_, task_batches
 
 RESULTS = Path(__file__).parent / "results"
@@ -154,11 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "raw": m})
     result = {"benchmark": "inference_cost", "meta": run_metadata(vars(args) | {"out": str(args.out)}, device),
               "n_examples": len(features), "n_latency_prompts": len(prompts), "rows": rows}
-    table = render(result)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2))
-    write_atomic(args.out.with_suffix(".md"), table)
+    publish(args.out, result, render(result))
     return result
 
 

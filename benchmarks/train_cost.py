@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import RssSampler, now, resolve_device, run_metadata, sync, write_atomic
+from common import RssSampler, now, publish, resolve_device, run_metadata, sync
 from workload import MIXTURES, load_base, prepare, stratified_batches, task_batches, trainable_count
 
 RESULTS = Path(__file__).parent / "results"
@@ -260,11 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"+{100 * r['overhead']['pego']:.1f} %", flush=True)
         result["spr"] = rows
         result["meta_spr"] = meta
-    table = render(result)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out.with_suffix(".json"), json.dumps(result, indent=2))
-    write_atomic(args.out.with_suffix(".md"), table)
+    publish(args.out, result, render(result))
     return result
 
 
