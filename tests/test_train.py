@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
@@ -275,12 +276,32 @@ def test_accelerator_must_match_the_config(features: list[dict[str, Any]]) -> No
               progress=False)
 
 
-@pytest.mark.parametrize("kind", ["DistributedType.FSDP", "FSDP", "DEEPSPEED"])
-def test_sharded_training_is_refused_for_a_regularised_method(kind: str) -> None:
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED, "DistributedType.FSDP", "FSDP",
+                                  "MEGATRON_LM"])
+@pytest.mark.parametrize("name", ["thanora", "lora"])
+def test_sharded_training_is_refused_for_every_method(kind: DistributedType | str, name: str) -> None:
     from thanora.methods import get_method
     from thanora.train import check_sharding
 
-    with pytest.raises(ValueError, match=r"thanora computes its regulariser.*shards.*DDP"):
-        check_sharding(kind, get_method("thanora"))
-    check_sharding(kind, get_method("lora"))  # no regulariser: allowed
-    check_sharding("DistributedType.MULTI_GPU", get_method("thanora"))  # DDP: allowed
+    with pytest.raises(ValueError, match=rf"{name}: sharded training .* not supported.*DDP"):
+        check_sharding(kind, get_method(name))
+
+
+@pytest.mark.parametrize("kind", [DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO])
+def test_ddp_and_one_device_are_allowed(kind: DistributedType) -> None:
+    from thanora.methods import get_method
+    from thanora.train import check_sharding
+
+    check_sharding(kind, get_method("thanora"))
+
+
+def test_fsdp_request_on_cpu_stays_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate switches FSDP on for accelerator devices only: on CPU the request yields a plain (DDP-able) run."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    AcceleratorState._reset_state(True)
+    try:
+        assert Accelerator(cpu=True).distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
+    finally:
+        AcceleratorState._reset_state(True)

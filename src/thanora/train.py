@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.utils import DistributedType, gather_object, send_to_device, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -45,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 HISTORY = "history.json"
 _FORMAT = "thanora-checkpoint/1"
+_SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}  # see check_sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -199,7 +200,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_accelerator(accelerator, cfg)
-    check_sharding(str(accelerator.distributed_type), method)
+    check_sharding(accelerator.distributed_type, method)
     set_seed(cfg.seed, device_specific=True)
     n_batches = len(loader_factory(0))  # type: ignore[arg-type]
     if n_batches < cfg.grad_accum:
@@ -323,24 +324,26 @@ def _check_accelerator(accelerator: Accelerator, cfg: TrainConfig) -> None:
                          "it with thanora.train.make_accelerator(cfg)")
 
 
-def check_sharding(distributed_type: str, method: Method) -> None:
-    """Refuse FSDP / DeepSpeed ZeRO-3 for a method with a regulariser.
+def check_sharding(distributed_type: DistributedType | str, method: Method) -> None:
+    """Refuse sharded training (FSDP, DeepSpeed, Megatron-LM) for every method.
 
-    Sharded training holds each process's shard of the flattened parameters outside the forward pass, while
-    regularisers are computed from the unwrapped model after it (ThanoRA's SPR and mtLoRA's spectral term read whole
-    factors): they would see shards and compute a wrong penalty silently. Every regularised method is refused (the
-    activation-based ones, Align-LoRA and the routers' balance losses, are not verified under sharding either);
-    methods without a regulariser are not. A decision, not an accident: the adapters of the models this tool targets
-    fit on one device, so DDP (the default of ``accelerate launch``) is the supported multi-GPU mode for them.
+    A decision, not an accident. The loop keeps references to the trainable parameters taken before
+    ``accelerator.prepare`` (checkpoints, resume, gradient clipping), regularisers read whole factors from the
+    unwrapped model after the forward pass, and export reads whole parameters: under FSDP / ZeRO-3 each of these would
+    see stale tensors or shards and save or penalise the wrong values without an error. accelerate switches FSDP on
+    only for accelerator devices (on CPU ``ACCELERATE_USE_FSDP`` leaves the run ``MULTI_CPU``), so the sharded path
+    cannot be tested where this library is developed. The adapters of the models this tool targets are small and a
+    7B base in bf16 fits one GPU, so DDP (the default of ``accelerate launch``) is the multi-GPU / multi-node mode.
 
     Raises:
-        ValueError: sharded training with a regularised method (the message says what to use instead).
+        ValueError: a sharded distributed type (the message says what to use instead).
     """
-    sharded = distributed_type.rsplit(".", 1)[-1].upper() in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
-    if sharded and method.regularizer is not None:
-        raise ValueError(f"{method.name} computes its regulariser on the unwrapped model after the forward pass, "
-                         f"where {distributed_type} holds only parameter shards; run it with DDP (`accelerate "
-                         "launch` without FSDP/DeepSpeed) or on one device")
+    kind = distributed_type.value if isinstance(distributed_type, DistributedType) else str(distributed_type)
+    kind = kind.rsplit(".", 1)[-1].upper()
+    if kind in _SHARDED:
+        raise ValueError(f"{method.name}: sharded training ({kind}) is not supported (checkpoints, regularisers and "
+                         "export read whole parameters); run with DDP (`accelerate launch` without "
+                         "--use_fsdp/--use_deepspeed, or `torchrun`) or on one device")
 
 
 def _save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], optimizer: Any, scheduler: Any,
