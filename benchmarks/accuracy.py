@@ -138,6 +138,21 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                         progress=False)
 
 
+def lrs_from(path: Path, labels: list[str]) -> tuple[dict[str, dict], dict[str, float], list[float]]:
+    """``(sweep, chosen lr, grid)`` per method label from an earlier accuracy result JSON.
+
+    Raises:
+        SystemExit: the file lacks a method (name it and say how to get it).
+    """
+    result = json.loads(path.read_text(encoding="utf-8"))
+    missing = [label for label in labels if label not in result["rows"]]
+    if missing:
+        raise SystemExit(f"--lrs-from {path}: no learning rate for {missing}; run their sweep there or drop --lrs-from")
+    rows = result["rows"]
+    return ({label: rows[label]["sweep"] for label in labels}, {label: rows[label]["lr"] for label in labels},
+            result["lrs"])
+
+
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
                    ) -> dict[str, list[float]]:
     """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``."""
@@ -161,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="*", help="learning-rate grid (default: the scale's)")
+    parser.add_argument("--lrs-from", type=Path, metavar="RESULT_JSON",
+                        help="take each method's learning rate (and its sweep) from an earlier accuracy result "
+                             "instead of sweeping here (saves the sweep's runs; the table says where they came from)")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--rank", type=int, help="rank budget (default: the scale's)")
     parser.add_argument("--n-train", type=int, help="training examples per task (default: the scale's)")
@@ -179,16 +197,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}"
     started = time.time()
 
-    # 1. learning-rate sweep on the dev slice, one run per rate holding every method
-    sweep: dict[str, dict[float, float]] = {}
-    for lr in lrs:
-        metrics = run(run_config(task_configs(args.mixture, scale, True), entries, lr, 0, scale, args.mixture,
-                                 args.device, False), root / f"sweep_lr{lr:g}")
-        for entry in entries:
-            label = entry.get("label", entry["name"])
-            sweep.setdefault(label, {})[lr] = metrics[label]["average"]
-        print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items()), flush=True)
-    chosen = {label: max(scores, key=scores.__getitem__) for label, scores in sweep.items()}
+    # 1. learning rate per method: a sweep on the dev slice (one run per rate holding every method), or an earlier one
+    if args.lrs_from:
+        sweep, chosen, lrs = lrs_from(args.lrs_from, [e.get("label", e["name"]) for e in entries])
+    else:
+        sweep = {}
+        for lr in lrs:
+            metrics = run(run_config(task_configs(args.mixture, scale, True), entries, lr, 0, scale, args.mixture,
+                                     args.device, False), root / f"sweep_lr{lr:g}")
+            for entry in entries:
+                label = entry.get("label", entry["name"])
+                sweep.setdefault(label, {})[lr] = metrics[label]["average"]
+            print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items()), flush=True)
+        chosen = {label: max(scores, key=scores.__getitem__) for label, scores in sweep.items()}
 
     # 2. final runs: one run per (seed, chosen lr) holding the methods that chose it
     finals: dict[str, list[dict[str, Any]]] = {}
@@ -219,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[label] = row
     result = {
         "benchmark": "accuracy", "meta": run_metadata(vars(args) | {"out": str(out)}, resolve_device(args.device)),
-        "mixture": tasks, "scale": scale, "lrs": lrs, "seeds": args.seeds, "methods": entries,
+        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": str(args.lrs_from) if args.lrs_from else None,
+        "seeds": args.seeds, "methods": entries,
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
@@ -227,6 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     publish(out, result, render(result))
     return result
+
+
+def lr_sentence(result: dict[str, Any], scale: dict[str, Any]) -> str:
+    """Where each method's learning rate came from."""
+    if result.get("lrs_from"):
+        return (f"Learning rate per method taken from the dev sweep of `{result['lrs_from']}` (grid {result['lrs']}, "
+                f"the same for every method; not re-swept on this mixture); then seeds {result['seeds']}.")
+    return (f"Learning rate per method chosen on a held-out dev slice ({scale['n_dev']} per task, carved from the "
+            f"training split) from {result['lrs']}, the same grid for every method; then seeds {result['seeds']}.")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -238,8 +269,7 @@ def render(result: dict[str, Any]) -> str:
         f"SmolLM2-135M-Instruct, rank budget {scale['rank']}, {scale['n_train']} training examples per task, "
         f"{scale['epochs']} epoch(s), batch {scale['batch_size']}; evaluation questions per task: "
         + ", ".join(f"{t} {n}" for t, n in result["n_eval"].items())
-        + f". Learning rate per method chosen on a held-out dev slice ({scale['n_dev']} per task, carved from the "
-        f"training split) from {result['lrs']}, the same grid for every method; then seeds {result['seeds']}. "
+        + ". " + lr_sentence(result, scale) + " "
         "Cells: accuracy % mean ± std over seeds. Δ LoRA: paired bootstrap 95 % CI of the difference on the same "
         "questions (per-question correctness averaged over seeds).", "",
         "| method | params | lr | " + " | ".join(tasks) + " | average | Δ LoRA (average) [95 % CI] |",
