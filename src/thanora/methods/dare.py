@@ -1,6 +1,6 @@
 """DARE (Yu et al., 2024): one LoRA per task, trained on its own task's samples, then merged by drop-and-rescale.
 
-Training: T PEFT LoRA adapters, one per task (adapter name = task name, task order = ``ctx.calibration``'s order =
+Training: T PEFT LoRA adapters, one per task (adapter name ``task_<name>``, task order = ``ctx.calibration``'s order =
 the ``task_id`` of the training batches), all active in one model and trained jointly in the one training loop, but
 each sample goes through its own task's adapter only: a forward hook on every ``lora_B[t]`` multiplies its output by
 (task_id == t) per sample. So adapter t's gradient comes only from task t's samples, as if the adapters were trained
@@ -216,8 +216,14 @@ class _TaskMask:
         return scale
 
 
+def adapter_name(task: str) -> str:
+    """The PEFT adapter name of ``task``'s adapter: prefixed, so no task name clashes with PEFT's "default" or is a
+    substring of its parameter prefix "lora_" (which PEFT warns about)."""
+    return f"task_{task}"
+
+
 def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -> PeftModel:
-    """One PEFT LoRA adapter per task (named after the task), all trainable, each fed its own task's samples only.
+    """One PEFT LoRA adapter per task (`adapter_name`), all trainable, each fed its own task's samples only.
 
     Args:
         model: a transformers model, modified in place.
@@ -231,10 +237,9 @@ def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -
     if not ctx.calibration:
         raise ValueError("DARE needs the task names, in task-id order: MethodContext.calibration is empty")
     tasks = list(ctx.calibration)
-    bad = [t for t in tasks if not t.isidentifier() or t == MERGED]
+    bad = [t for t in tasks if not t.isidentifier()]
     if bad:
-        raise ValueError(f"DARE names its adapters after the tasks: task name {bad[0]!r} must be an identifier other "
-                         f"than {MERGED!r}")
+        raise ValueError(f"DARE names its adapters after the tasks: task name {bad[0]!r} must be an identifier")
     ranks = task_ranks(settings.rank, len(tasks))
     weights = task_weights(settings, len(tasks))
     targets = find_targets(model, settings.target_modules)
@@ -243,15 +248,15 @@ def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -
     configs = [lora_config(model, targets, r, scaling * r, settings.lora_dropout) for r in ranks]
     was_training = model.training
     with seeded_rng(model, ctx.seed):
-        peft_model = get_peft_model(model, configs[0], adapter_name=tasks[0])
+        peft_model = get_peft_model(model, configs[0], adapter_name=adapter_name(tasks[0]))
         for task, config in zip(tasks[1:], configs[1:], strict=True):
-            peft_model.add_adapter(task, config)
-    peft_model.base_model.set_adapter(tasks)  # all active, all trainable
+            peft_model.add_adapter(adapter_name(task), config)
+    peft_model.base_model.set_adapter([adapter_name(t) for t in tasks])  # all active, all trainable
     mask = _TaskMask(weights)
     for name in targets:
         layer = peft_model.base_model.model.get_submodule(name)
         for index, task in enumerate(tasks):
-            layer.lora_B[task].register_forward_hook(mask.hook(index))
+            layer.lora_B[adapter_name(task)].register_forward_hook(mask.hook(index))
     consume_task_ids(peft_model, mask.set)
     peft_model.register_forward_hook(mask.clear)
     peft_model.thanora_dare = DareRecord(tuple(tasks), tuple(ranks), tuple(weights), dict(targets))
@@ -293,7 +298,7 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
         for index, name in enumerate(record.targets):
             layer = base.get_submodule(name)
             deltas = []
-            for task in record.tasks:
+            for task in map(adapter_name, record.tasks):
                 A, B = layer.lora_A[task].weight, layer.lora_B[task].weight
                 dtype = torch.promote_types(A.dtype, torch.float32)
                 deltas.append(layer.scaling[task] * (B.to(dtype) @ A.to(dtype)))  # (d_out, d_in)
@@ -308,8 +313,8 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
         r=target_rank, lora_alpha=target_rank, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
         lora_dropout=settings.lora_dropout, target_modules=list(record.targets),
         fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()), bias="none",
-        task_type=getattr(inner.peft_config[record.tasks[0]], "task_type", None),
-        base_model_name_or_path=getattr(inner.peft_config[record.tasks[0]], "base_model_name_or_path", None),
+        task_type=getattr(inner.peft_config[adapter_name(record.tasks[0])], "task_type", None),
+        base_model_name_or_path=getattr(inner.peft_config[adapter_name(record.tasks[0])], "base_model_name_or_path", None),
     )
     original = inner.unload()  # LoRA layers removed, base weights untouched (DARE has no residual base)
     with seeded_rng(original, settings.drop_seed):  # PEFT's own init is overwritten below; keep the global RNG
