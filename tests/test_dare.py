@@ -18,8 +18,8 @@ from thanora.methods import MethodContext, get_method
 from thanora.methods.dare import (
     DARE,
     SIDECAR,
-    adapter_name,
     DareSettings,
+    adapter_name,
     dare_merge,
     drop_and_rescale,
     low_rank,

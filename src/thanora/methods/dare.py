@@ -309,12 +309,13 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
             factors[name] = (A, B)
     ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
     rank_pattern = {name: r for name, r in ranks.items() if r != target_rank}
+    first = inner.peft_config[adapter_name(record.tasks[0])]
     config = LoraConfig(
         r=target_rank, lora_alpha=target_rank, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
         lora_dropout=settings.lora_dropout, target_modules=list(record.targets),
         fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()), bias="none",
-        task_type=getattr(inner.peft_config[adapter_name(record.tasks[0])], "task_type", None),
-        base_model_name_or_path=getattr(inner.peft_config[adapter_name(record.tasks[0])], "base_model_name_or_path", None),
+        task_type=getattr(first, "task_type", None),
+        base_model_name_or_path=getattr(first, "base_model_name_or_path", None),
     )
     original = inner.unload()  # LoRA layers removed, base weights untouched (DARE has no residual base)
     with seeded_rng(original, settings.drop_seed):  # PEFT's own init is overwritten below; keep the global RNG
