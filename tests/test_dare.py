@@ -214,8 +214,8 @@ def test_agrees_with_peft_dare_linear_svd_at_density_one() -> None:
     randomise_(ours)
     randomise_(theirs)
     with pytest.warns(UserWarning, match="density"):
-        theirs.add_weighted_adapter([adapter_name(t) for t in TASKS], [0.6, 0.4], "peft_merge", combination_type="dare_linear_svd",
-                                    svd_rank=8, density=1.0)
+        theirs.add_weighted_adapter([adapter_name(t) for t in TASKS], [0.6, 0.4], "peft_merge",
+                                    combination_type="dare_linear_svd", svd_rank=8, density=1.0)
     merged = DARE.finalize(ours, settings)  # type: ignore[misc]
     for name in find_targets(tiny_llama()):
         mine = merged.base_model.model.get_submodule(name).get_delta_weight("default")
