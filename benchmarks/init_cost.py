@@ -86,7 +86,8 @@ def build_data(tokenizer: Any, n: int, heldout_per_task: int, max_length: int, s
                ) -> tuple[dict[str, Features], Features]:
     """N calibration samples per task and a disjoint held-out set, tokenised as thanora's training formats them."""
     from thanora.formats import encode_example, format_prompt, format_target
-    from thanora.sources import load_source, split_examples
+    from thanora.sources import load_source
+    from thanora.splits import split_examples
 
     calibration: dict[str, Features] = {}
     heldout: Features = []

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from thanora import assets, sources
+from thanora import assets
 from thanora.assets import AssetMissingError
-from thanora.sources import Example, load_source, packaged_sources, split_examples, split_fingerprint
+from thanora.sources import Example, load_source, packaged_sources
+from thanora.splits import split_examples, split_fingerprint
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -234,4 +235,4 @@ def test_packaged_benchmark(name: str, split: str, rows: int) -> None:
         assert data[0].choices == ("no", "yes")
     answers = [ex.answer for ex in data]
     assert len(set(answers)) > 1  # labels are not degenerate
-    assert sources.split_examples(data, {"train": rows // 2}, seed=0)["train"]
+    assert split_examples(data, {"train": rows // 2}, seed=0)["train"]

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import torch
 
 from thanora.formats import collate, encode_example, encode_image_example, format_prompt, format_target
-from thanora.sources import Example, load_source, split_examples, split_fingerprint
+from thanora.sources import Example, load_source
+from thanora.splits import split_examples, split_fingerprint
 
 AnswerFormat = Literal["ranked", "letter", "generative"]
 Metric = Literal["accuracy", "exact_match", "relaxed_accuracy", "anls"]
