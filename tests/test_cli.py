@@ -94,6 +94,23 @@ def test_occupied_output_dir_is_refused(setup: tuple[Path, Path], capsys: pytest
     assert not (out / "run.json").exists()
 
 
+def test_sharded_launch_is_refused_before_any_work(setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Under FSDP (accelerate enables it on GPUs only, so faked here) `thanora run` exits 2 before the run folder."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import thanora.pipeline
+
+    root, config = setup
+    monkeypatch.setattr(thanora.pipeline, "make_accelerator",
+                        lambda *a, **k: SimpleNamespace(distributed_type=DistributedType.FSDP))
+    assert main(["run", str(config), "--output-dir", str(root / "fsdp"), "-q"]) == 2
+    assert "DDP" in capsys.readouterr().err
+    assert not (root / "fsdp").exists()
+
+
 def test_bad_key_and_unknown_method_exit_2(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root, config = setup
     assert main(["run", str(config), "--output-dir", str(root / "x"), "--train.lrr=1", "-q"]) == 2

@@ -37,7 +37,7 @@ from thanora.formats import collate
 from thanora.merge import merge_adapter_into
 from thanora.methods import Method, MethodContext, get_method
 from thanora.plots import plot_run
-from thanora.train import make_accelerator, train
+from thanora.train import check_sharding, make_accelerator, train
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     out = Path(out)
     model_path(cfg)  # a missing model folder fails before the run directory is touched
     dist = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
+    check_sharding(make_accelerator(cfg.train, cpu=dist.device.type == "cpu").distributed_type)  # before any work
     if dist.is_main_process:
         check_output_dir(out, overwrite, resume)
         out.mkdir(parents=True, exist_ok=True)

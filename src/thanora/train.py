@@ -200,7 +200,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     """
     accelerator = accelerator or make_accelerator(cfg)
     _check_accelerator(accelerator, cfg)
-    check_sharding(accelerator.distributed_type, method)
+    check_sharding(accelerator.distributed_type)
     set_seed(cfg.seed, device_specific=True)
     n_batches = len(loader_factory(0))  # type: ignore[arg-type]
     if n_batches < cfg.grad_accum:
@@ -324,7 +324,7 @@ def _check_accelerator(accelerator: Accelerator, cfg: TrainConfig) -> None:
                          "it with thanora.train.make_accelerator(cfg)")
 
 
-def check_sharding(distributed_type: DistributedType | str, method: Method) -> None:
+def check_sharding(distributed_type: DistributedType | str) -> None:
     """Refuse sharded training (FSDP, DeepSpeed, Megatron-LM) for every method.
 
     A decision, not an accident. The loop keeps references to the trainable parameters taken before
@@ -341,7 +341,7 @@ def check_sharding(distributed_type: DistributedType | str, method: Method) -> N
     kind = distributed_type.value if isinstance(distributed_type, DistributedType) else str(distributed_type)
     kind = kind.rsplit(".", 1)[-1].upper()
     if kind in _SHARDED:
-        raise ValueError(f"{method.name}: sharded training ({kind}) is not supported (checkpoints, regularisers and "
+        raise ValueError(f"sharded training ({kind}) is not supported (checkpoints, regularisers and "
                          "export read whole parameters); run with DDP (`accelerate launch` without "
                          "--use_fsdp/--use_deepspeed, or `torchrun`) or on one device")
 
