@@ -153,6 +153,16 @@ def lrs_from(path: Path, labels: list[str]) -> tuple[dict[str, dict], dict[str, 
             result["lrs"])
 
 
+def run_seconds(root: Path) -> float:
+    """Stage wall time summed over every run folder under ``root`` (what the table cost, even when re-rendered)."""
+    return sum(sum(json.loads(path.read_text())["timings_s"].values()) for path in root.glob("*/run.json"))
+
+
+def result_path(path: Path | None) -> str | None:
+    """``--lrs-from`` as recorded in the result (JSON has no paths)."""
+    return str(path) if path else None
+
+
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
                    ) -> dict[str, list[float]]:
     """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``."""
@@ -239,12 +249,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["vs_lora"] = bootstrap_diff(per_question[label], per_question["lora"])
         rows[label] = row
     result = {
-        "benchmark": "accuracy", "meta": run_metadata(vars(args) | {"out": str(out)}, resolve_device(args.device)),
-        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": str(args.lrs_from) if args.lrs_from else None,
+        "benchmark": "accuracy",
+        "meta": run_metadata(vars(args) | {"out": str(out), "lrs_from": result_path(args.lrs_from)},
+                             resolve_device(args.device)),
+        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": result_path(args.lrs_from),
         "seeds": args.seeds, "methods": entries,
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
+        "run_minutes": round(run_seconds(root) / 60, 1),
         "runs": str(root),
     }
     publish(out, result, render(result))
@@ -265,7 +278,8 @@ def render(result: dict[str, Any]) -> str:
     tasks, meta, scale = result["mixture"], result["meta"], result["scale"]
     lines = [
         f"# Accuracy: {' + '.join(tasks)} ({result['meta']['args']['scale']} scale)", "",
-        f"`{meta['command']}` on {meta['machine']['device']}, {meta['timestamp_utc']}, {result['wall_minutes']} min. "
+        f"`{meta['command']}` on {meta['machine']['device']}, {meta['timestamp_utc']}, "
+        f"{result.get('run_minutes', result['wall_minutes'])} min of runs. "
         f"SmolLM2-135M-Instruct, rank budget {scale['rank']}, {scale['n_train']} training examples per task, "
         f"{scale['epochs']} epoch(s), batch {scale['batch_size']}; evaluation questions per task: "
         + ", ".join(f"{t} {n}" for t, n in result["n_eval"].items())
