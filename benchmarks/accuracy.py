@@ -127,12 +127,16 @@ def run_config(tasks: list[dict], methods: list[dict], lr: float, seed: int, sca
 
 
 def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``thanora run`` on ``config`` into ``out`` (resumed when it already finished: the sweep can be re-entered)."""
+    """``thanora run`` on ``config`` into ``out``; a folder that already holds the methods is read, not re-run, and
+    an interrupted run (or one that lacks some of the methods) is resumed: the benchmark can be re-entered."""
     from thanora.config import config_from_dict
     from thanora.pipeline import run as run_pipeline
 
+    labels = [m.get("label", m["name"]) for m in config["methods"]]
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
-        return json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        if all(label in metrics for label in labels):
+            return metrics  # else: a finished run asked for more methods; resuming trains only the missing ones
     resume = (out / "run.json").is_file()
     return run_pipeline(config_from_dict(config), out, overwrite=not resume and out.exists(), resume=resume,
                         progress=False)
