@@ -110,21 +110,13 @@ def run_metadata(args: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a ``.tmp`` sibling and `os.replace`, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def publish(out: Path, result: dict[str, Any], table: str) -> None:
     """Print the markdown ``table`` and write ``out.json`` (the result) and ``out.md`` (the table), atomically."""
-    import json
+    from thanora.artifacts import write_json, write_text
 
     print(table)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
-    write_atomic(out.with_suffix(".md"), table)
+    write_json(out.with_suffix(".json"), result)
+    write_text(out.with_suffix(".md"), table)
 
 
 def sync(device: torch.device) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from accuracy import SCALES, run, run_config, task_configs
-from common import resolve_device, run_metadata, write_atomic
+from common import resolve_device, run_metadata
+from thanora.artifacts import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = RESULTS / "figures"
@@ -46,7 +47,7 @@ def allocation(args: argparse.Namespace) -> dict[str, Any]:
     tasks = task_configs(4, scale, dev=False)
     cfg = config_from_dict(run_config(tasks, [{"name": "thanora", "rank": 64}], 2e-4, 0, scale, 4, args.device, False))
     rank_plan = plan(cfg, RUNS / "allocation").to_dict()
-    write_atomic(FIGURES / "rank_plan_4task.json", json.dumps(rank_plan, indent=2))
+    write_json(FIGURES / "rank_plan_4task.json", rank_plan)
     paths = [save_figure(rank_allocation_figure(rank_plan), FIGURES / "rank_allocation_4task.png"),
              save_figure(entropy_figure(rank_plan), FIGURES / "entropy_4task.png")]
     return {"figures": [str(p.relative_to(RESULTS)) for p in paths], "tasks": [t["name"] for t in tasks]}
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.parts:
         result[name] = {**parts[name](args), "meta": run_metadata(vars(args), resolve_device(args.device))}
         print(f"{name}: {json.dumps({k: v for k, v in result[name].items() if k != 'meta'})}", flush=True)
-    write_atomic(path, json.dumps(result, indent=2, default=str))
-    write_atomic(RESULTS / "figures.md", render(result))
+    write_json(path, result)
+    write_text(RESULTS / "figures.md", render(result))
     return result
 
 

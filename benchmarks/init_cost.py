@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,8 @@ from typing import Any
 
 import torch
 
-from common import RssSampler, now, resolve_device, run_metadata, stage_timers, sync, write_atomic
+from common import RssSampler, now, resolve_device, run_metadata, stage_timers, sync
+from thanora.artifacts import write_json, write_text
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TASKS = ("csqa", "obqa", "arc_easy", "boolq")
@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args_json = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {**run_metadata(args_json, device), "tasks": list(TASKS), "projections": list(PROJECTIONS),
               "calibration_tokens": tokens, "summary": summary, "runs": runs, "target_met": target, "notes": notes}
-    write_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", text)
+    write_json(args.out / f"{stem}.json", result)
+    write_text(args.out / f"{stem}.md", text)
     return result
 
 
