@@ -24,7 +24,8 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert isinstance(method, Method) and method.name == name
     assert [f.name for f in dataclasses.fields(Method)] == [
         "name", "paper", "config_cls", "mergeable", "task_id_at_train", "task_id_at_test", "prepare", "regularizer",
-        "export", "save", "load", "param_count", "describe", "finalize", "stratified_batches",
+        "export", "save", "load", "param_count", "describe", "finalize", "stratified_batches", "train_state",
+        "load_train_state",
     ]
     assert isinstance(method.paper, str) and "arXiv" in method.paper
     assert dataclasses.is_dataclass(method.config_cls)
@@ -36,8 +37,14 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert method.regularizer is None or callable(method.regularizer)
     assert method.export is None or callable(method.export)
     assert method.describe is None or callable(method.describe)
+    assert (method.train_state is None) == (method.load_train_state is None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         method.name = "other"  # type: ignore[misc]
+
+
+def test_running_state_functions_go_together() -> None:
+    with pytest.raises(ValueError, match="train_state and load_train_state go together"):
+        dataclasses.replace(LORA, train_state=lambda model: {})
 
 
 def test_get_method_lists_the_known_names() -> None:

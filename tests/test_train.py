@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from torch.utils.data import DataLoader, RandomSampler
 from conftest import tiny_llama
 from thanora import ThanoraConfig
 from thanora.formats import IGNORE_INDEX, collate
-from thanora.methods import METHODS, MethodContext
+from thanora.methods import METHODS, Method, MethodContext
 from thanora.methods.lora import LoraSettings
+from thanora.methods.mtlora import MtLoraSettings
 from thanora.train import (
     CHECKPOINTS,
     HISTORY,
@@ -209,6 +211,54 @@ def test_resume_reproduces_the_uninterrupted_run(save_every: int, loader: str, f
         torch.testing.assert_close(weights[name], full_weights[name], rtol=0, atol=1e-6)
     saved = sorted(p.name for p in (tmp_path / "cut" / CHECKPOINTS).iterdir() if p.name.startswith("step-"))
     assert saved == sorted({f"step-{save_every}", "step-6"})  # the last two kept
+
+
+def test_resume_restores_the_methods_running_state(features: list[dict[str, Any]], tmp_path: Path) -> None:
+    # mtLoRA refreshes its spectral weights every 3 regulariser calls (2 per step): the checkpoint at step 2 falls
+    # between refreshes (call 4; last refresh at call 3), so a resume that recomputed them would diverge.
+    settings = MtLoraSettings(rank=2, n_heads=3, groups=4, lora_dropout=0.0, spectral_every=3, spectral_lambda=10.0)
+    factory = make_loader_factory(features, 4, collate_features, seed=3)
+    cfg = config(save_every=2, eval_every=1)
+
+    def run(method: Method, out_dir: Path, resume: bool, stop_at: int | None) -> list[dict[str, Any]]:
+        def eval_fn(_model: nn.Module, step: int) -> dict[str, float]:
+            if step == stop_at:
+                raise _Interrupt
+            return {}
+
+        model = prepared("mtlora", settings, features)
+        return train(model, method, settings, factory, cfg, out_dir=out_dir, resume=resume, eval_fn=eval_fn,
+                     progress=False).history
+
+    def interrupted_then_resumed(method: Method, out_dir: Path) -> list[dict[str, Any]]:
+        with pytest.raises(_Interrupt):
+            run(method, out_dir, resume=False, stop_at=3)
+        assert (out_dir / CHECKPOINTS / "step-2" / "method_state.safetensors").is_file() == (
+            method.train_state is not None)
+        return run(method, out_dir, resume=True, stop_at=None)
+
+    full = run(METHODS["mtlora"], tmp_path / "full", resume=False, stop_at=None)
+    assert full[-1]["reg"] > 0
+    assert interrupted_then_resumed(METHODS["mtlora"], tmp_path / "cut") == full
+    stateless = dataclasses.replace(METHODS["mtlora"], train_state=None, load_train_state=None)
+    diverged = interrupted_then_resumed(stateless, tmp_path / "stateless")
+    assert diverged[:2] == full[:2] and diverged[2:] != full[2:]  # the state is what makes the resume exact
+
+
+def test_resume_without_the_methods_running_state_is_a_clear_error(features: list[dict[str, Any]],
+                                                                   tmp_path: Path) -> None:
+    settings = MtLoraSettings(rank=2, n_heads=3, groups=4)
+    factory = make_loader_factory(features, 4, collate_features, seed=0)
+    cfg = config(max_steps=2, grad_accum=1)
+    for resume in (False, True):
+        model = prepared("mtlora", settings, features)
+        if resume:
+            (tmp_path / CHECKPOINTS / "step-2" / "method_state.safetensors").unlink()
+            with pytest.raises(CheckpointError, match="lacks the method's running state"):
+                train(model, METHODS["mtlora"], settings, factory, cfg, out_dir=tmp_path, resume=True,
+                      progress=False)
+        else:
+            train(model, METHODS["mtlora"], settings, factory, cfg, out_dir=tmp_path, progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(features: list[dict[str, Any]], tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 HISTORY = "history.json"
 _FORMAT = "thanora-checkpoint/1"
+_METHOD_STATE = "method_state.safetensors"
 _SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}  # see check_sharding
 
 
@@ -224,6 +225,8 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     if resume and root is not None and (root / LATEST).is_file():
         result.checkpoint, result.steps, result.history, rng = _load_checkpoint(
             root, meta, trainable, optimizer, scheduler, accelerator.process_index)
+        if method.load_train_state is not None:
+            method.load_train_state(unwrapped, _load_method_state(result.checkpoint))
         result.resumed_from = result.steps
         logger.info("resuming %s from %s (step %d of %d)", method.name, result.checkpoint, result.steps, total)
     elif root is not None and root.exists() and accelerator.is_main_process:
@@ -276,8 +279,9 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 _evaluate(wrapped, unwrapped, eval_fn, step, result.history)
             if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+                method_state = method.train_state(unwrapped) if method.train_state is not None else None
                 result.checkpoint = _save_checkpoint(root, step, trainable, optimizer, scheduler, result.history,
-                                                     meta, accelerator)
+                                                     meta, accelerator, method_state)
         if out_dir is not None and accelerator.is_main_process:
             write_json(Path(out_dir) / HISTORY, result.history)
         accelerator.wait_for_everyone()
@@ -347,13 +351,20 @@ def check_sharding(distributed_type: DistributedType | str) -> None:
 
 
 def _save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], optimizer: Any, scheduler: Any,
-                     history: list[dict[str, Any]], meta: dict[str, Any], accelerator: Accelerator) -> Path:
-    """Write ``root/step-<step>`` atomically, point ``root/latest`` at it, keep the last `KEEP_CHECKPOINTS`."""
+                     history: list[dict[str, Any]], meta: dict[str, Any], accelerator: Accelerator,
+                     method_state: Mapping[str, Tensor] | None = None) -> Path:
+    """Write ``root/step-<step>`` atomically, point ``root/latest`` at it, keep the last `KEEP_CHECKPOINTS`.
+
+    ``method_state``: the method's running state (`Method.train_state`), the same on every process (it is computed
+    from the synchronised parameters); written by the main process only.
+    """
     rng_states = gather_object([_rng_state()])  # one entry per process, in process order
     path = root / f"step-{step}"
     if accelerator.is_main_process:
         with atomic_dir(path) as tmp:
             save_tensors(dict(trainable), tmp / "adapter.safetensors", {"step": step})
+            if method_state is not None:
+                save_tensors(method_state, tmp / _METHOD_STATE, {"step": step})
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_states, tmp / "rng.pt")
@@ -395,6 +406,16 @@ def _load_checkpoint(root: Path, meta: dict[str, Any], trainable: Mapping[str, T
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     return path, step, history, rng_states[process_index]
+
+
+def _load_method_state(path: Path) -> dict[str, Tensor]:
+    """The method's running state saved in checkpoint ``path`` (see `_save_checkpoint`)."""
+    try:
+        tensors, _ = load_tensors(path / _METHOD_STATE)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} lacks the method's running state ({err}); it was written by "
+                              "another version or is incomplete: start over without resume") from err
+    return tensors
 
 
 def _rng_state() -> dict[str, Any]:

@@ -72,6 +72,10 @@ class Method:
         finalize: ``(trained model, settings) -> model to evaluate, export and save``, or ``None`` (identity).
         stratified_batches: training batches must hold samples of every task (`thanora.data.DataConfig.stratified`
             is switched on for this method).
+        train_state: ``model -> {name: tensor}``, running state the regulariser keeps between steps besides the
+            parameters (mtLoRA: its call counter and spectral weights), saved in every training checkpoint so a
+            resumed run continues bit for bit; ``None`` = none.
+        load_train_state: ``(model, tensors from train_state)`` restoring it on resume (with ``train_state``).
     """
 
     name: str
@@ -89,6 +93,12 @@ class Method:
     describe: Callable[[nn.Module], dict[str, Any]] | None = None
     finalize: Callable[[nn.Module, Any], nn.Module] | None = None
     stratified_batches: bool = False
+    train_state: Callable[[nn.Module], dict[str, Tensor]] | None = None
+    load_train_state: Callable[[nn.Module, Mapping[str, Tensor]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.train_state is None) != (self.load_train_state is None):
+            raise ValueError(f"Method {self.name!r}: train_state and load_train_state go together")
 
 
 def consume_task_ids(model: nn.Module, sink: Callable[[Tensor | None], None]) -> None:

@@ -35,6 +35,7 @@ blocks: attention and MLP. Not mergeable (routing depends on the input): no PEFT
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -249,6 +250,23 @@ def mtlora_regularizer(model: nn.Module, settings: MtLoraSettings, batch: dict[s
     return total
 
 
+def mtlora_train_state(model: nn.Module) -> dict[str, Tensor]:
+    """The spectral regulariser's running state: its call counter and the weights of the last refresh, per layer."""
+    state = {"regularizer_calls": torch.tensor(context_of(model).regularizer_calls)}
+    for name, adapter in adapters(model).items():
+        if adapter.head_projectors is not None:
+            state[f"{name}.head_projectors"] = adapter.head_projectors
+    return state
+
+
+def load_mtlora_train_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Restore what `mtlora_train_state` saved (a resumed run refreshes the weights when the uninterrupted would)."""
+    context_of(model).regularizer_calls = int(state["regularizer_calls"])
+    for name, adapter in adapters(model).items():
+        saved = state.get(f"{name}.head_projectors")
+        adapter.head_projectors = None if saved is None else saved.to(adapter.lora_B.device)
+
+
 def mtlora_param_count(model: nn.Module, settings: MtLoraSettings) -> int:
     """Σ over adapted sites of r·d_in + N·r·d_out + router (token: d_in·N·g; sequence: its 2-layer MLP)."""
     cfg = settings.head_config()
@@ -277,4 +295,6 @@ MTLORA = Method(
     save=save_multihead,
     load=load_mtlora,
     param_count=mtlora_param_count,
+    train_state=mtlora_train_state,
+    load_train_state=load_mtlora_train_state,
 )
