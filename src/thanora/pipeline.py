@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator
 from torch import nn
 
 from thanora.artifacts import read_json, write_json
@@ -83,8 +83,8 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
 
     out = Path(out)
     model_path(cfg)  # a missing model folder fails before the run directory is touched
-    dist = PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
-    check_sharding(make_accelerator(cfg.train, cpu=dist.device.type == "cpu").distributed_type)  # before any work
+    dist = make_accelerator(cfg.train, cpu=resolve_device(cfg.model.device).type == "cpu")  # one for the whole run
+    check_sharding(dist.distributed_type)  # before any work
     if dist.is_main_process:
         check_output_dir(out, overwrite, resume)
         out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
         if spec.label in metrics:
             logger.info("method %s already complete, skipping (resume)", spec.label)
             continue
-        result = stage(spec.label, state, lambda s=spec: run_method(state, s, tokenizer, resume, progress))
+        result = stage(spec.label, state, lambda s=spec: run_method(state, s, tokenizer, dist, resume, progress))
         if result:
             metrics[spec.label] = result
         if state.main:
@@ -143,7 +143,8 @@ def load_tasks(cfg: RunConfig, out: Path, write: bool = True) -> list[TaskData]:
     return tasks
 
 
-def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, progress: bool) -> dict:
+def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, accelerator: Accelerator, resume: bool,
+               progress: bool) -> dict:
     """Prepare, train, evaluate and export one method on a fresh copy of the base model.
 
     Under ``accelerate launch`` / ``torchrun`` each process takes its shard of the calibration batches (statistics
@@ -152,7 +153,6 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     cfg, method, settings = state.cfg, get_method(spec.name), spec.build()
     out = state.out / spec.label
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg.train, cpu=state.device.type == "cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     model = load_model(cfg, state.device)
     calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device, state.processor)[rank::world]
@@ -177,7 +177,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     result = train(model, method, settings, loader_factory, cfg.train, accelerator, out_dir=out, resume=resume,
                    progress=progress and state.main)
     if not state.main:
-        PartialState().wait_for_everyone()
+        accelerator.wait_for_everyone()
         return {}
     write_json(out / "history.json", result.history)
     if method.finalize is not None:
@@ -191,7 +191,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, resume: bool, 
     if cfg.output.merged and method.mergeable:
         merge_adapter_into(load_model(cfg, torch.device("cpu")), out / "adapter", out / "merged",
                            state.processor or tokenizer)
-    PartialState().wait_for_everyone()
+    accelerator.wait_for_everyone()
     return metrics
 
 
