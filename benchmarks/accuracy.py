@@ -29,7 +29,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -142,8 +142,16 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                         progress=False)
 
 
-def lrs_from(path: Path, labels: list[str]) -> tuple[dict[str, dict], dict[str, float], list[float]]:
-    """``(sweep, chosen lr, grid)`` per method label from an earlier accuracy result JSON.
+class LrChoice(NamedTuple):
+    """The learning-rate sweep of some methods: dev scores per rate, the chosen rate, the grid."""
+
+    sweep: dict[str, dict]  # label -> {lr: dev average}
+    chosen: dict[str, float]  # label -> lr
+    grid: list[float]
+
+
+def lrs_from(path: Path, labels: list[str]) -> LrChoice:
+    """The sweep of methods ``labels`` recorded in an earlier accuracy result JSON.
 
     Raises:
         SystemExit: the file lacks a method (name it and say how to get it).
@@ -153,8 +161,8 @@ def lrs_from(path: Path, labels: list[str]) -> tuple[dict[str, dict], dict[str, 
     if missing:
         raise SystemExit(f"--lrs-from {path}: no learning rate for {missing}; run their sweep there or drop --lrs-from")
     rows = result["rows"]
-    return ({label: rows[label]["sweep"] for label in labels}, {label: rows[label]["lr"] for label in labels},
-            result["lrs"])
+    return LrChoice({label: rows[label]["sweep"] for label in labels}, {label: rows[label]["lr"] for label in labels},
+                    result["lrs"])
 
 
 def run_seconds(root: Path) -> float:
