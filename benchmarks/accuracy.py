@@ -197,10 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mixture", type=int, choices=sorted(MIXTURES), default=2)
     parser.add_argument("--scale", choices=sorted(SCALES), default="tiny")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="*", help="learning-rate grid (default: the scale's)")
-    parser.add_argument("--lrs-from", type=Path, metavar="RESULT_JSON",
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--lrs", type=float, nargs="*", help="learning-rate grid (default: the scale's)")
+    choice.add_argument("--lrs-from", type=Path, metavar="RESULT_JSON",
                         help="take each method's learning rate (and its sweep) from an earlier accuracy result "
                              "instead of sweeping here (saves the sweep's runs; the table says where they came from)")
+    choice.add_argument("--lr", type=float,
+                        help="one learning rate for every method, no sweep: a sensitivity table, not a tuned one "
+                             "(written to accuracy_<mixture>task_<scale>_lr<LR> unless --out)")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
     parser.add_argument("--rank", type=int, help="rank budget (default: the scale's)")
     parser.add_argument("--n-train", type=int, help="training examples per task (default: the scale's)")
@@ -216,12 +220,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     entries = [e for e in method_entries(scale["rank"])
                if not args.methods or e.get("label", e["name"]) in args.methods]
     root = RUNS / f"{args.mixture}task_{args.scale}_r{scale['rank']}_n{scale['n_train']}-{scale['n_eval']}"
-    out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}"
+    out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}{f'_lr{args.lr:g}' if args.lr else ''}"
     started = time.time()
 
     # 1. learning rate per method: a sweep on the dev slice (one run per rate holding every method), or an earlier one
-    if args.lrs_from:
-        sweep, chosen, lrs = lrs_from(args.lrs_from, [e.get("label", e["name"]) for e in entries])
+    labels = [e.get("label", e["name"]) for e in entries]
+    if args.lr:
+        sweep, chosen, lrs = {label: {} for label in labels}, dict.fromkeys(labels, args.lr), [args.lr]
+    elif args.lrs_from:
+        sweep, chosen, lrs = lrs_from(args.lrs_from, labels)
     else:
         sweep = {}
         for lr in lrs:
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "accuracy",
         "meta": run_metadata(vars(args) | {"out": str(out), "lrs_from": result_path(args.lrs_from)},
                              resolve_device(args.device)),
-        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": result_path(args.lrs_from),
+        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": result_path(args.lrs_from), "lr_fixed": args.lr,
         "seeds": args.seeds, "methods": entries,
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},
@@ -278,6 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def lr_sentence(result: dict[str, Any], scale: dict[str, Any]) -> str:
     """Where each method's learning rate came from."""
+    if result.get("lr_fixed"):
+        return (f"One learning rate for every method ({result['lr_fixed']:g}), not tuned: a sensitivity table, to "
+                f"read beside the tuned one; seeds {result['seeds']}.")
     if result.get("lrs_from"):
         return (f"Learning rate per method taken from the dev sweep of `{result['lrs_from']}` (grid {result['lrs']}, "
                 f"the same for every method; not re-swept on this mixture); then seeds {result['seeds']}.")
