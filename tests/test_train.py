@@ -17,15 +17,13 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from conftest import tiny_llama
 from thanora import ThanoraConfig
+from thanora.checkpoints import CHECKPOINTS, LATEST, CheckpointError
 from thanora.formats import IGNORE_INDEX, collate
 from thanora.methods import METHODS, Method, MethodContext
 from thanora.methods.lora import LoraSettings
 from thanora.methods.mtlora import MtLoraSettings
 from thanora.train import (
-    CHECKPOINTS,
     HISTORY,
-    LATEST,
-    CheckpointError,
     NonFiniteLossError,
     TrainConfig,
     make_loader_factory,

@@ -99,10 +99,10 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     import json
 
     from thanora.artifacts import load_tensors
+    from thanora.checkpoints import CHECKPOINTS, LATEST
     from thanora.config import load_config
     from thanora.merge import merge_adapter_into
     from thanora.methods import MethodContext, get_method
-    from thanora.train import CHECKPOINTS, LATEST
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -21,16 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import DistributedType, gather_object, send_to_device, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from thanora.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json, write_text
+from thanora.artifacts import write_json
+from thanora.checkpoints import (
+    CHECKPOINTS,
+    FORMAT,
+    LATEST,
+    load_checkpoint,
+    load_method_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from thanora.methods import Method
 
 logger = logging.getLogger(__name__)
@@ -39,13 +46,7 @@ LoaderFactory = Callable[[int], Iterable[dict[str, Tensor]]]  # epoch -> CPU bat
 EvalFn = Callable[[nn.Module, int], Mapping[str, Any]]  # (model, optimizer step) -> metrics
 
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-_RUN_ONLY = ("log_every", "eval_every", "save_every")  # may change on resume: not part of the trajectory
-KEEP_CHECKPOINTS = 2
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 HISTORY = "history.json"
-_FORMAT = "thanora-checkpoint/1"
-_METHOD_STATE = "method_state.safetensors"
 _SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}  # see check_sharding
 
 
@@ -56,10 +57,6 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
         super().__init__(f"non-finite {what} at optimizer step {step}; training stopped before the update, and the "
                          "last good checkpoint is kept (check the data, lower lr, or use bf16 instead of fp16)")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not belong to this run."""
 
 
 @dataclass(frozen=True)
@@ -217,16 +214,16 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     scheduler = get_scheduler(_SCHEDULERS[cfg.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(wrapped)
-    meta = {"format": _FORMAT, "method": method.name, "config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
+    meta = {"format": FORMAT, "method": method.name, "config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch,
             "num_processes": accelerator.num_processes, "trainable": {n: list(p.shape) for n, p in trainable.items()}}
     root = Path(out_dir) / CHECKPOINTS if out_dir is not None else None
     result = TrainResult()
     rng: dict[str, Any] | None = None
     if resume and root is not None and (root / LATEST).is_file():
-        result.checkpoint, result.steps, result.history, rng = _load_checkpoint(
+        result.checkpoint, result.steps, result.history, rng = load_checkpoint(
             root, meta, trainable, optimizer, scheduler, accelerator.process_index)
         if method.load_train_state is not None:
-            method.load_train_state(unwrapped, _load_method_state(result.checkpoint))
+            method.load_train_state(unwrapped, load_method_state(result.checkpoint))
         result.resumed_from = result.steps
         logger.info("resuming %s from %s (step %d of %d)", method.name, result.checkpoint, result.steps, total)
     elif root is not None and root.exists() and accelerator.is_main_process:
@@ -280,7 +277,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
                 _evaluate(wrapped, unwrapped, eval_fn, step, result.history)
             if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
                 method_state = method.train_state(unwrapped) if method.train_state is not None else None
-                result.checkpoint = _save_checkpoint(root, step, trainable, optimizer, scheduler, result.history,
+                result.checkpoint = save_checkpoint(root, step, trainable, optimizer, scheduler, result.history,
                                                      meta, accelerator, method_state)
         if out_dir is not None and accelerator.is_main_process:
             write_json(Path(out_dir) / HISTORY, result.history)
@@ -308,7 +305,7 @@ def _epoch_batches(loader_factory: LoaderFactory, epoch: int, skip: int,
     """The epoch's batches after the first ``skip``; a resumed ``rng`` (saved after the last step) is restored where
     the uninterrupted run stood then: before building a new epoch's loader, after building the current one's."""
     if rng is not None and not skip:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     loader = loader_factory(epoch)
     if skip and isinstance(loader, DataLoader):
         iterator = iter(skip_first_batches(loader, skip))  # skips indices, loads nothing
@@ -316,7 +313,7 @@ def _epoch_batches(loader_factory: LoaderFactory, epoch: int, skip: int,
         iterator = iter(loader)
         collections.deque(itertools.islice(iterator, skip), maxlen=0)  # consumed now, as in the uninterrupted run
     if rng is not None and skip:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     return iterator
 
 
@@ -348,91 +345,6 @@ def check_sharding(distributed_type: DistributedType | str) -> None:
         raise ValueError(f"sharded training ({kind}) is not supported (checkpoints, regularisers and "
                          "export read whole parameters); run with DDP (`accelerate launch` without "
                          "--use_fsdp/--use_deepspeed, or `torchrun`) or on one device")
-
-
-def _save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], optimizer: Any, scheduler: Any,
-                     history: list[dict[str, Any]], meta: dict[str, Any], accelerator: Accelerator,
-                     method_state: Mapping[str, Tensor] | None = None) -> Path:
-    """Write ``root/step-<step>`` atomically, point ``root/latest`` at it, keep the last `KEEP_CHECKPOINTS`.
-
-    ``method_state``: the method's running state (`Method.train_state`), the same on every process (it is computed
-    from the synchronised parameters); written by the main process only.
-    """
-    rng_states = gather_object([_rng_state()])  # one entry per process, in process order
-    path = root / f"step-{step}"
-    if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
-            save_tensors(dict(trainable), tmp / "adapter.safetensors", {"step": step})
-            if method_state is not None:
-                save_tensors(method_state, tmp / _METHOD_STATE, {"step": step})
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_states, tmp / "rng.pt")
-            write_json(tmp / "state.json", {**meta, "step": step, "history": history})
-        write_text(root / LATEST, path.name + "\n")
-        done = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-        for old in done[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _load_checkpoint(root: Path, meta: dict[str, Any], trainable: Mapping[str, Tensor], optimizer: Any,
-                     scheduler: Any, process_index: int) -> tuple[Path, int, list[dict[str, Any]], dict[str, Any]]:
-    """Load ``root/latest`` into the parameters, optimizer and scheduler; return (path, step, history, our RNG)."""
-    pointer = root / LATEST
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} points to {path}, which does not exist; delete {root} to start over")
-    try:
-        state = read_json(path / "state.json")
-        step, history = int(state["step"]), list(state["history"])
-        tensors, _ = load_tensors(path / "adapter.safetensors")
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        scheduler_state = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
-        rng_states = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({err}); delete it and point {pointer} "
-                              "at an older one, or start over without resume") from err
-    saved_cfg, keys = state.get("config", {}), ("format", "method", "steps_per_epoch", "num_processes", "trainable")
-    mismatched = [k for k in keys if state.get(k) != meta[k]]
-    mismatched += [f"config.{k}" for k, v in meta["config"].items() if k not in _RUN_ONLY and saved_cfg.get(k) != v]
-    if mismatched:
-        raise CheckpointError(f"checkpoint {path} does not belong to this run: {mismatched} differ "
-                              "(resume needs the same method, model, data, settings and number of processes)")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    return path, step, history, rng_states[process_index]
-
-
-def _load_method_state(path: Path) -> dict[str, Tensor]:
-    """The method's running state saved in checkpoint ``path`` (see `_save_checkpoint`)."""
-    try:
-        tensors, _ = load_tensors(path / _METHOD_STATE)
-    except (FileNotFoundError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} lacks the method's running state ({err}); it was written by "
-                              "another version or is incomplete: start over without resume") from err
-    return tensors
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA RNG states as tensors and plain values (loadable with ``weights_only``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _int_at_least(value: Any, least: int) -> bool:
