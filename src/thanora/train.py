@@ -278,7 +278,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
             if root is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
                 method_state = method.train_state(unwrapped) if method.train_state is not None else None
                 result.checkpoint = save_checkpoint(root, step, trainable, optimizer, scheduler, result.history,
-                                                     meta, accelerator, method_state)
+                                                    meta, accelerator, method_state)
         if out_dir is not None and accelerator.is_main_process:
             write_json(Path(out_dir) / HISTORY, result.history)
         accelerator.wait_for_everyone()
