@@ -111,12 +111,15 @@ def run_metadata(args: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def publish(out: Path, result: dict[str, Any], table: str) -> None:
-    """Print the markdown ``table`` and write ``out.json`` (the result) and ``out.md`` (the table), atomically."""
+    """Print the markdown ``table`` and write ``out.json`` (the result) and ``out.md`` (the table), atomically.
+
+    ``out`` is a stem: the suffixes are appended (a dot in it, as in ``accuracy_lr0.001``, is kept).
+    """
     from thanora.artifacts import write_json, write_text
 
     print(table)
-    write_json(out.with_suffix(".json"), result)
-    write_text(out.with_suffix(".md"), table)
+    write_json(out.parent / f"{out.name}.json", result)
+    write_text(out.parent / f"{out.name}.md", table)
 
 
 def sync(device: torch.device) -> None:

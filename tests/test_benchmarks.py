@@ -1,0 +1,122 @@
+"""The accuracy benchmark's own logic, without training: learning-rate choice, seed/rate grouping of the final runs,
+aggregation, the paired bootstrap and the rendered table (the runs are replaced by a synthetic ``run``)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from thanora.methods import get_method
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def accuracy() -> Any:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("accuracy")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_bootstrap_of_a_constant_difference_is_that_difference(accuracy: Any) -> None:
+    rng = np.random.default_rng(0)
+    b = {"x": rng.integers(0, 2, 50).astype(float), "y": rng.integers(0, 2, 80).astype(float)}
+    same = accuracy.bootstrap_diff(b, b)
+    assert all(v == [0.0, 0.0, 0.0] for v in same.values())
+    shifted = accuracy.bootstrap_diff({t: v + 0.25 for t, v in b.items()}, b)
+    for task in ("x", "y", "average"):
+        assert shifted[task] == pytest.approx([0.25, 0.25, 0.25])
+
+
+def test_bootstrap_interval_holds_the_point_and_the_average_is_unweighted(accuracy: Any) -> None:
+    rng = np.random.default_rng(1)
+    a = {"x": rng.integers(0, 2, 40).astype(float), "y": rng.integers(0, 2, 400).astype(float)}
+    b = {"x": rng.integers(0, 2, 40).astype(float), "y": rng.integers(0, 2, 400).astype(float)}
+    out = accuracy.bootstrap_diff(a, b)
+    for task, (point, lo, hi) in out.items():
+        assert lo <= point <= hi, task
+    assert out["x"][0] == pytest.approx(float((a["x"] - b["x"]).mean()))
+    assert out["average"][0] == pytest.approx((out["x"][0] + out["y"][0]) / 2)
+    assert out["x"][2] - out["x"][1] > out["y"][2] - out["y"][1]  # 10x fewer questions: a wider interval
+
+
+@pytest.mark.parametrize("rank", [16, 32, 64, 128])
+def test_every_benchmark_entry_is_a_valid_method_setting(accuracy: Any, rank: int) -> None:
+    entries = accuracy.method_entries(rank)
+    labels = [e.get("label", e["name"]) for e in entries]
+    assert len(set(labels)) == len(labels) and labels[0] == "lora"
+    for entry in entries:
+        method = get_method(entry["name"])
+        method.config_cls(**{k: v for k, v in entry.items() if k not in ("name", "label")})
+
+
+# Synthetic dev / eval scores: lora is best at 3e-4, dora at 1e-3; seeds move every score a little.
+TASKS = ("csqa", "obqa")
+BEST = {"lora": 3e-4, "dora": 1e-3}
+
+
+def fake_run(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    lr, seed = config["train"]["lr"], config["seed"]
+    n = config["tasks"][0]["n_eval"]
+    metrics: dict[str, Any] = {}
+    for entry in config["methods"]:
+        label = entry.get("label", entry["name"])
+        hits = n // 2 + (4 if lr == BEST[label] else 0) + seed
+        correct = [1] * hits + [0] * (n - hits)
+        metrics[label] = {t: {"score": hits / n, "correct": correct} for t in TASKS} | {"average": hits / n}
+    if config["output"]["evaluate_base"]:
+        metrics["base"] = {t: {"score": 0.25, "correct": [0] * n} for t in TASKS} | {"average": 0.25}
+    out.mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"timings_s": {"lora": 60.0}}))
+    return metrics
+
+
+@pytest.fixture
+def offline(accuracy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    monkeypatch.setattr(accuracy, "param_counts", lambda entries: {e.get("label", e["name"]): 1 for e in entries})
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    return tmp_path
+
+
+def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, offline: Path) -> None:
+    argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--seeds", "0", "1", "2", "--n-eval", "20",
+            "--out", str(offline / "table")]
+    result = accuracy.main(argv)
+    assert {label: row["lr"] for label, row in result["rows"].items()} == BEST
+    root = Path(result["runs"])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["sweep_lr0.0003", "sweep_lr0.001"] + [f"seed{s}_lr{lr}" for s in range(3) for lr in ("0.0003", "0.001")])
+    lora = result["rows"]["lora"]
+    expected = [(10 + 4 + seed) / 20 for seed in range(3)]
+    assert lora["average"]["values"] == expected
+    assert lora["average"]["std"] == pytest.approx(statistics.stdev(expected))
+    assert result["base"]["average"] == 0.25 and result["run_minutes"] == pytest.approx(8 * 1.0)
+    assert result["rows"]["dora"]["vs_lora"]["average"] == pytest.approx([0.0, 0.0, 0.0])  # same hits per seed
+    table = (offline / "table.md").read_text()
+    assert "| base (zero-shot) | 0 | – | 25.0 | 25.0 | 25.0 | |" in table
+    assert "chosen on a held-out dev slice" in table and json.loads((offline / "table.json").read_text())
+
+
+def test_fixed_rate_is_a_sensitivity_table_with_its_own_file(accuracy: Any, offline: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accuracy, "RESULTS", offline / "results")
+    result = accuracy.main(["--methods", "lora", "dora", "--lr", "1e-3", "--seeds", "0", "--n-eval", "20"])
+    assert {row["lr"] for row in result["rows"].values()} == {1e-3}
+    assert sorted(p.name for p in Path(result["runs"]).iterdir()) == ["seed0_lr0.001"]  # no sweep runs
+    table = (offline / "results" / "accuracy_2task_tiny_lr0.001.md").read_text()
+    assert "not tuned" in table
+
+
+def test_rate_options_exclude_each_other(accuracy: Any) -> None:
+    with pytest.raises(SystemExit):
+        accuracy.main(["--lr", "1e-3", "--lrs", "1e-4"])
