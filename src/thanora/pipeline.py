@@ -83,13 +83,14 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
 
     out = Path(out)
     model_path(cfg)  # a missing model folder fails before the run directory is touched
-    dist = make_accelerator(cfg.train, cpu=resolve_device(cfg.model.device).type == "cpu")  # one for the whole run
-    check_sharding(dist.distributed_type)  # before any work
-    if dist.is_main_process:
+    device = resolve_device(cfg.model.device)
+    accelerator = make_accelerator(cfg.train, cpu=device.type == "cpu")  # one for the whole run
+    check_sharding(accelerator.distributed_type)  # before any work
+    if accelerator.is_main_process:
         check_output_dir(out, overwrite, resume)
         out.mkdir(parents=True, exist_ok=True)
-    dist.wait_for_everyone()
-    state = RunState(cfg, out, [], resolve_device(cfg.model.device), {}, main=dist.is_main_process)
+    accelerator.wait_for_everyone()
+    state = RunState(cfg, out, [], device, {}, main=accelerator.is_main_process)
     if state.main:
         cfg.save(out / "config.yaml")
         write_json(out / "run.json", run_record(cfg, "running", state.timings))
@@ -103,12 +104,13 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
             metrics["base"] = stage("eval_base", state, lambda: evaluate_model(model, tokenizer, state, progress))
             write_json(out / "metrics.json", metrics)
             del model
-        dist.wait_for_everyone()
+        accelerator.wait_for_everyone()
     for spec in cfg.methods:
         if spec.label in metrics:
             logger.info("method %s already complete, skipping (resume)", spec.label)
             continue
-        result = stage(spec.label, state, lambda s=spec: run_method(state, s, tokenizer, dist, resume, progress))
+        result = stage(spec.label, state,
+                       lambda s=spec: run_method(state, s, tokenizer, accelerator, resume, progress))
         if result:
             metrics[spec.label] = result
         if state.main:
@@ -119,7 +121,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
         write_json(out / "run.json", run_record(cfg, "complete", state.timings))
         write_report(out)
         print(console_table(metrics))
-    dist.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return metrics
 
 
