@@ -3,7 +3,8 @@
 Each process (gloo on CPU):
 (a) prepares ThanoRA from its shard of the calibration batches with ``all_reduce`` = sum across processes, and,
     as the reference, from all batches with no ``all_reduce``: rank plans and initial factors must agree;
-(b) trains the sharded-calibration model for 2 optimizer steps under DDP (``train`` with checkpoints in OUT).
+(b) trains the sharded-calibration model for 2 optimizer steps under DDP (``train`` with checkpoints in OUT);
+(c) trains DARE under DDP with one task per process (adapters without rows on a process).
 Rank 0 writes OUT/result.json; the test compares it (and the step-2 checkpoint) with a single-process run.
 """
 
@@ -29,6 +30,7 @@ from test_train import (
 from thanora import ThanoraConfig, adapter_of
 from thanora.layers import lora_factors
 from thanora.methods import METHODS, MethodContext
+from thanora.methods.dare import DareSettings
 from thanora.train import TrainConfig, make_loader_factory, train
 
 # float64 statistics: a sum split across processes differs from the sequential one only by round-off, which the
@@ -80,7 +82,18 @@ def main(out_dir: Path) -> None:
     flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     spread = float((accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max())  # max - min
 
+    # (c) DARE with each process's batches holding one task only (rank r: task r): the adapter of the other task has
+    # no rows on that process; it must still get a (zero) gradient there, or DDP's reducer fails on the next step.
+    dare, dare_settings = METHODS["dare"], DareSettings(rank=4, lora_dropout=0.0)
+    dare_model = dare.prepare(learnable_llama(), dare_settings, MethodContext(calibration=batches, progress=False))
+    own_task = make_loader_factory([f for f in features if f["task_id"] == rank], TRAIN_CONFIG.batch_size,
+                                   collate_features, seed=0)
+    dare_result = train(dare_model, dare, dare_settings, own_task, TRAIN_CONFIG, accelerator, progress=False)
+    dare_flat = torch.cat([p.detach().flatten() for p in dare_model.parameters() if p.requires_grad])
+    dare_spread = float((accelerator.reduce(dare_flat, "max") + accelerator.reduce(-dare_flat, "max")).max())
+
     report = {
+        "dare_history": dare_result.history, "dare_spread": dare_spread,
         "world": world, "distributed_type": str(accelerator.distributed_type),
         "tasks_equal": plan.tasks == single_plan.tasks, "ranks_equal": ranks == single_ranks,
         "max_entropy_diff": entropy_diff, "max_rel_factor_diff": diff,

@@ -74,6 +74,13 @@ def test_ddp_training_equals_one_process_on_the_same_batches(launched: tuple[lis
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one RNG state per process
 
 
+def test_ddp_trains_dare_when_a_process_lacks_a_task(launched: tuple[list[dict], Path]) -> None:
+    reports, _ = launched
+    assert all(r["dare_spread"] == 0.0 for r in reports)  # gradients were all-reduced: the replicas agree
+    assert len(reports[0]["dare_history"]) == TRAIN_CONFIG.max_steps
+    assert reports[0]["dare_history"] == reports[1]["dare_history"]  # the logged loss is the mean over processes
+
+
 def test_thanora_run_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """`thanora run` with 2 processes: one complete run directory, the same rank plan as a single process."""
     import yaml

@@ -2,11 +2,15 @@
 
 Training: T PEFT LoRA adapters, one per task (adapter name ``task_<name>``, task order = ``ctx.calibration``'s order =
 the ``task_id`` of the training batches), all active in one model and trained jointly in the one training loop, but
-each sample goes through its own task's adapter only: a forward hook on every ``lora_B[t]`` multiplies its output by
-(task_id == t) per sample. So adapter t's gradient comes only from task t's samples, as if the adapters were trained
-separately on the same data; the remaining couplings are the optimiser's: one global gradient-clipping norm, one
-learning-rate schedule, the task loss averaged over all tokens of a mixed batch (a task's gradient is scaled by its
-share of the batch's tokens), and Adam moving an adapter by its momentum on a step without its task's samples.
+each sample goes through its own task's adapter only: every LoRA layer gets PEFT's mixed-batch ``adapter_names`` (the
+rows of task t through adapter t only; one adapter pass per sample, LoRA's cost and memory at any T), and the
+"regulariser" is a zero touching every adapter so absent tasks get zero gradients (DDP needs a gradient for every
+parameter). So adapter t's gradient comes only from task t's samples, as if the adapters were trained separately on
+the same data; the remaining couplings are the optimiser's: one global gradient-clipping norm, one learning-rate
+schedule, the task loss averaged over all tokens of a mixed batch (a task's gradient is scaled by its share of the
+batch's tokens), and Adam moving an adapter by its momentum on a step without its task's samples. (PEFT refuses
+``adapter_names`` in training at the PeftModel level because its own hooks are inference-only; the layer-level
+mixed-batch forward it calls is plain differentiable indexing, used here through our own pre-hook.)
 A forward without ``task_id`` (evaluation before `finalize`, ``generate``) sends every sample through Σ_t w_t·ΔW_t,
 the merge's expectation.
 
@@ -189,29 +193,45 @@ class DareRecord:
                 "weights": dict(zip(self.tasks, self.weights, strict=True)), **self.merge}
 
 
-class _TaskMask:
-    """Per-sample routing of the training forward: each ``lora_B[t]`` output times (task_id == t), or times w_t."""
+class _TaskRouter:
+    """Per-sample routing of the training forward, and the merge's expectation without task ids.
 
-    def __init__(self, weights: Sequence[float]) -> None:
-        self.weights = list(weights)
-        self.task_ids: Tensor | None = None
+    With task ids (``set`` from the model's forward pre-hook), every LoRA layer gets PEFT's ``adapter_names`` keyword
+    (`route`, a forward pre-hook), so its mixed-batch forward runs adapter t on the rows of task t only: one adapter
+    pass per sample, as in separate training, instead of T passes masked to one (which held T dropout copies of every
+    layer input: 2x LoRA's activation memory at T = 4, measured). Without task ids each ``lora_B[t]`` output is scaled
+    by w_t (`weigh`, a forward hook), so every sample gets Σ_t w_t·ΔW_t.
+    """
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float]) -> None:
+        self.names, self.weights = list(names), list(weights)
+        self.adapter_names: list[str] | None = None
 
     def set(self, task_ids: Tensor | None) -> None:
-        self.task_ids = task_ids
+        if task_ids is None:
+            self.adapter_names = None
+            return
+        ids = task_ids.tolist()
+        if task_ids.dim() != 1 or not all(0 <= i < len(self.names) for i in ids):
+            raise RuntimeError(f"DARE: task_id must be (batch,) ids in [0, {len(self.names)}), got {ids}")
+        self.adapter_names = [self.names[i] for i in ids]
 
     def clear(self, *_: Any) -> None:
-        self.task_ids = None  # after every forward: a later generate() (no PeftModel.forward) sees no stale ids
+        self.adapter_names = None  # after every forward: a later generate() (no PeftModel.forward) sees no stale ids
 
-    def hook(self, task: int) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]:
-        """The forward hook of task ``task``'s ``lora_B``: its output (B, ..., d_out) times the per-sample factor."""
-        def scale(_module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> Tensor:
-            if self.task_ids is None:
-                return output * self.weights[task]
-            ids = self.task_ids.to(output.device)
-            if output.shape[0] != ids.shape[0]:
-                raise RuntimeError(f"DARE: task_id holds {ids.shape[0]} ids but the adapter output has leading "
-                                   f"dimension {output.shape[0]}; task_id must be (batch,)")
-            return output * (ids == task).to(output.dtype).view(-1, *[1] * (output.dim() - 1))
+    def route(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if self.adapter_names is not None:
+            x = args[0] if args else kwargs["x"]
+            if x.shape[0] != len(self.adapter_names):
+                raise RuntimeError(f"DARE: task_id holds {len(self.adapter_names)} ids but the layer input has "
+                                   f"leading dimension {x.shape[0]}; task_id must be (batch,)")
+            kwargs["adapter_names"] = self.adapter_names
+        return args, kwargs
+
+    def weigh(self, task: int) -> Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor | None]:
+        """The forward hook of task ``task``'s ``lora_B``: times w_t without task ids, else unchanged."""
+        def scale(_module: nn.Module, _args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            return output * self.weights[task] if self.adapter_names is None else None
 
         return scale
 
@@ -252,13 +272,14 @@ def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -
         for task, config in zip(tasks[1:], configs[1:], strict=True):
             peft_model.add_adapter(adapter_name(task), config)
     peft_model.base_model.set_adapter([adapter_name(t) for t in tasks])  # all active, all trainable
-    mask = _TaskMask(weights)
+    router = _TaskRouter([adapter_name(t) for t in tasks], weights)
     for name in targets:
         layer = peft_model.base_model.model.get_submodule(name)
+        layer.register_forward_pre_hook(router.route, with_kwargs=True)
         for index, task in enumerate(tasks):
-            layer.lora_B[adapter_name(task)].register_forward_hook(mask.hook(index))
-    consume_task_ids(peft_model, mask.set)
-    peft_model.register_forward_hook(mask.clear)
+            layer.lora_B[adapter_name(task)].register_forward_hook(router.weigh(index))
+    consume_task_ids(peft_model, router.set)
+    peft_model.register_forward_hook(router.clear)
     peft_model.thanora_dare = DareRecord(tuple(tasks), tuple(ranks), tuple(weights), dict(targets))
     peft_model.train(was_training)
     return peft_model
@@ -360,6 +381,14 @@ def _is_int_at_least(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def touch_every_adapter(model: nn.Module, settings: DareSettings, batch: dict[str, Tensor]) -> Tensor:
+    """0 · Σ of every trainable parameter: a zero that puts the adapters of tasks absent from the batch in the
+    backward, so they get a zero gradient instead of none. DDP requires a gradient for every parameter, and AdamW
+    treats every adapter on every step alike (as the masked forward this replaced did)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+
 DARE = Method(
     name="dare",
     paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
@@ -369,7 +398,7 @@ DARE = Method(
     task_id_at_train=True,
     task_id_at_test=False,
     prepare=prepare_dare,
-    regularizer=None,
+    regularizer=touch_every_adapter,
     export=export_dare,
     save=export_dare,
     load=load_peft_adapter,
