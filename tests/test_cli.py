@@ -162,7 +162,9 @@ def test_resume_continues_an_interrupted_run(run_dir: Path, tmp_path: Path) -> N
     for task in ("colors", "animals"):
         assert resumed["thanora"][task]["score"] == pytest.approx(expected[task]["score"])
     assert json.loads((copy / "thanora" / "history.json").read_text()) == history
-    assert json.loads((copy / "run.json").read_text())["status"] == "complete"
+    record = json.loads((copy / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert record["timings_s"]["lora"] == run["timings_s"]["lora"]  # the earlier stages' times are kept
 
 
 def test_missing_model_folder_exit_2_before_touching_the_output(setup: tuple[Path, Path],

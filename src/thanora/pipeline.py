@@ -90,7 +90,8 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
         check_output_dir(out, overwrite, resume)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    state = RunState(cfg, out, [], device, {}, main=accelerator.is_main_process)
+    earlier = read_json(out / "run.json").get("timings_s", {}) if resume else {}  # stages done before: kept
+    state = RunState(cfg, out, [], device, dict(earlier), main=accelerator.is_main_process)
     if state.main:
         cfg.save(out / "config.yaml")
         write_json(out / "run.json", run_record(cfg, "running", state.timings))
