@@ -165,9 +165,9 @@ def lrs_from(path: Path, labels: list[str]) -> LrChoice:
                     result["lrs"])
 
 
-def run_seconds(root: Path) -> float:
-    """Stage wall time summed over every run folder under ``root`` (what the table cost, even when re-rendered)."""
-    return sum(sum(json.loads(path.read_text())["timings_s"].values()) for path in root.glob("*/run.json"))
+def run_seconds(folders: list[Path]) -> float:
+    """Stage wall time summed over the table's run folders (what it cost, even when re-rendered)."""
+    return sum(sum(json.loads((folder / "run.json").read_text())["timings_s"].values()) for folder in folders)
 
 
 def result_path(path: Path | None) -> str | None:
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. learning rate per method: a sweep on the dev slice (one run per rate holding every method), or an earlier one
     labels = [e.get("label", e["name"]) for e in entries]
+    folders: list[Path] = []  # the run folders this table reads
     if args.lr:
         sweep, chosen, lrs = {label: {} for label in labels}, dict.fromkeys(labels, args.lr), [args.lr]
     elif args.lrs_from:
@@ -232,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         sweep = {}
         for lr in lrs:
+            folders.append(root / f"sweep_lr{lr:g}")
             metrics = run(run_config(task_configs(args.mixture, scale, True), entries, lr, 0, scale, args.mixture,
-                                     args.device, False), root / f"sweep_lr{lr:g}")
+                                     args.device, False), folders[-1])
             for entry in entries:
                 label = entry.get("label", entry["name"])
                 sweep.setdefault(label, {})[lr] = metrics[label]["average"]
@@ -246,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         for lr in sorted(set(chosen.values())):
             group = [e for e in entries if chosen[e.get("label", e["name"])] == lr]
+            folders.append(root / f"seed{seed}_lr{lr:g}")
             metrics = run(run_config(task_configs(args.mixture, scale, False), group, lr, seed, scale, args.mixture,
-                                     args.device, base is None), root / f"seed{seed}_lr{lr:g}")
+                                     args.device, base is None), folders[-1])
             base = base or metrics.get("base")
             for e in group:
                 finals.setdefault(e.get("label", e["name"]), []).append(metrics[e.get("label", e["name"])])
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
-        "run_minutes": round(run_seconds(root) / 60, 1),
+        "run_minutes": round(run_seconds(folders) / 60, 1),
         "runs": str(root),
     }
     publish(out, result, render(result))

@@ -110,9 +110,13 @@ def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, off
 def test_fixed_rate_is_a_sensitivity_table_with_its_own_file(accuracy: Any, offline: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accuracy, "RESULTS", offline / "results")
+    other = offline / "runs" / "2task_tiny_r16_n128-20" / "another_table"  # same root, not this table's
+    other.mkdir(parents=True)
+    (other / "run.json").write_text(json.dumps({"timings_s": {"lora": 600.0}}))
     result = accuracy.main(["--methods", "lora", "dora", "--lr", "1e-3", "--seeds", "0", "--n-eval", "20"])
     assert {row["lr"] for row in result["rows"].values()} == {1e-3}
-    assert sorted(p.name for p in Path(result["runs"]).iterdir()) == ["seed0_lr0.001"]  # no sweep runs
+    assert sorted(p.name for p in Path(result["runs"]).iterdir()) == ["another_table", "seed0_lr0.001"]  # no sweep
+    assert result["run_minutes"] == 1.0  # only the folders it read
     table = (offline / "results" / "accuracy_2task_tiny_lr0.001.md").read_text()
     assert "not tuned" in table
 
