@@ -170,11 +170,6 @@ def run_seconds(folders: list[Path]) -> float:
     return sum(sum(json.loads((folder / "run.json").read_text())["timings_s"].values()) for folder in folders)
 
 
-def result_path(path: Path | None) -> str | None:
-    """``--lrs-from`` as recorded in the result (JSON has no paths)."""
-    return str(path) if path else None
-
-
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
                    ) -> dict[str, list[float]]:
     """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``."""
@@ -272,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[label] = row
     result = {
         "benchmark": "accuracy",
-        "meta": run_metadata(vars(args) | {"out": str(out), "lrs_from": result_path(args.lrs_from)},
-                             resolve_device(args.device)),
-        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": result_path(args.lrs_from), "lr_fixed": args.lr,
+        "meta": run_metadata(vars(args) | {"out": out}, resolve_device(args.device)),  # paths: write_json
+        "mixture": tasks, "scale": scale, "lrs": lrs, "lrs_from": args.lrs_from, "lr_fixed": args.lr,
         "seeds": args.seeds, "methods": entries,
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},

@@ -4,13 +4,13 @@ Training: T PEFT LoRA adapters, one per task (adapter name ``task_<name>``, task
 the ``task_id`` of the training batches), all active in one model and trained jointly in the one training loop, but
 each sample goes through its own task's adapter only: every LoRA layer gets PEFT's mixed-batch ``adapter_names`` (the
 rows of task t through adapter t only; one adapter pass per sample, LoRA's cost and memory at any T), and the
-"regulariser" is a zero touching every adapter so absent tasks get zero gradients (DDP needs a gradient for every
-parameter). So adapter t's gradient comes only from task t's samples, as if the adapters were trained separately on
-the same data; the remaining couplings are the optimiser's: one global gradient-clipping norm, one learning-rate
-schedule, the task loss averaged over all tokens of a mixed batch (a task's gradient is scaled by its share of the
-batch's tokens), and Adam moving an adapter by its momentum on a step without its task's samples. (PEFT refuses
-``adapter_names`` in training at the PeftModel level because its own hooks are inference-only; the layer-level
-mixed-batch forward it calls is plain differentiable indexing, used here through our own pre-hook.)
+"regulariser" is a zero touching the adapters of tasks absent from the batch, so they get zero gradients (DDP needs a
+gradient for every parameter). So adapter t's gradient comes only from task t's samples, as if the adapters were
+trained separately on the same data; the remaining couplings are the optimiser's: one global gradient-clipping norm,
+one learning-rate schedule, the task loss averaged over all tokens of a mixed batch (a task's gradient is scaled by
+its share of the batch's tokens), and Adam moving an adapter by its momentum on a step without its task's samples.
+(PEFT refuses ``adapter_names`` in training at the PeftModel level because its own hooks are inference-only; the
+layer-level mixed-batch forward it calls is plain differentiable indexing, used here through our own pre-hook.)
 A forward without ``task_id`` (evaluation before `finalize`, ``generate``) sends every sample through Σ_t w_t·ΔW_t,
 the merge's expectation.
 
@@ -381,11 +381,16 @@ def _is_int_at_least(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def touch_every_adapter(model: nn.Module, settings: DareSettings, batch: dict[str, Tensor]) -> Tensor:
-    """0 · Σ of every trainable parameter: a zero that puts the adapters of tasks absent from the batch in the
+def touch_absent_adapters(model: nn.Module, settings: DareSettings, batch: dict[str, Tensor]) -> Tensor:
+    """0 · Σ of the parameters of every task adapter with no sample in ``batch``: a zero that puts them in the
     backward, so they get a zero gradient instead of none. DDP requires a gradient for every parameter, and AdamW
-    treats every adapter on every step alike (as the masked forward this replaced did)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    treats every adapter on every step alike (as the masked forward this replaced did). Nothing to touch (a zero
+    without graph) when every task is present."""
+    present = set(batch["task_id"].tolist())
+    absent = [f".{adapter_name(t)}." for i, t in enumerate(record_of(model).tasks) if i not in present]
+    params = [p for n, p in model.named_parameters() if p.requires_grad and any(a in n for a in absent)]
+    if not params:
+        return torch.zeros((), device=batch["task_id"].device)
     return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
@@ -398,7 +403,7 @@ DARE = Method(
     task_id_at_train=True,
     task_id_at_test=False,
     prepare=prepare_dare,
-    regularizer=touch_every_adapter,
+    regularizer=touch_absent_adapters,
     export=export_dare,
     save=export_dare,
     load=load_peft_adapter,
