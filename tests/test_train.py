@@ -20,8 +20,15 @@ from thanora import ThanoraConfig
 from thanora.checkpoints import CHECKPOINTS, LATEST, CheckpointError
 from thanora.formats import IGNORE_INDEX, collate
 from thanora.methods import METHODS, Method, MethodContext
+from thanora.methods.align_lora import AlignLoraSettings, capture_of
+from thanora.methods.corda import CordaSettings
+from thanora.methods.dare import DareSettings
+from thanora.methods.dora import DoraSettings
+from thanora.methods.hydralora import HydraLoraSettings
 from thanora.methods.lora import LoraSettings
 from thanora.methods.mtlora import MtLoraSettings
+from thanora.methods.rlora_plus import RLoraPlusSettings
+from thanora.multihead import adapters
 from thanora.train import (
     HISTORY,
     NonFiniteLossError,
@@ -99,7 +106,7 @@ def features() -> list[dict[str, Any]]:
 @pytest.mark.parametrize(("field", "value"), [
     ("epochs", 0), ("max_steps", 0), ("batch_size", 0), ("grad_accum", 0), ("lr", 0.0), ("weight_decay", -1.0),
     ("max_grad_norm", -1.0), ("schedule", "step"), ("warmup_ratio", 1.0), ("mixed_precision", "fp8"),
-    ("log_every", 0), ("eval_every", -1), ("save_every", -1), ("seed", 1.5),
+    ("log_every", 0), ("eval_every", -1), ("save_every", -1), ("seed", 1.5), ("gradient_checkpointing", 1),
 ])
 def test_train_config_validation_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.{field} "):
@@ -350,3 +357,72 @@ def test_fsdp_request_on_cpu_stays_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
         assert Accelerator(cpu=True).distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
     finally:
         AcceleratorState._reset_state(True)
+
+
+# Every method that supports gradient checkpointing, with dropout (the recomputation must replay the same masks) and
+# its regulariser and router state switched on (they read tensors kept aside from the forward).
+RECOMPUTED = {
+    "lora": LoraSettings(rank=4, lora_dropout=0.1),
+    "dora": DoraSettings(rank=4, lora_dropout=0.1),
+    "corda": CordaSettings(rank=4),
+    "hydralora": HydraLoraSettings(n_heads=3, rank=2, lora_dropout=0.1, balance_weight=0.1),
+    "rlora_plus": RLoraPlusSettings(rank=4, n_heads=3, lora_dropout=0.1),
+    "align_lora": AlignLoraSettings(rank=4, lora_dropout=0.1, align_lambda=1.0),
+    "mtlora": MtLoraSettings(rank=2, n_heads=3, groups=4, router="sequence", spectral_every=2, spectral_lambda=10.0),
+    "thanora": ThanoraConfig(rank=8, lora_dropout=0.1, spr_lambda=1e-2),
+}
+
+
+def test_every_method_but_dare_is_checked_under_gradient_checkpointing() -> None:
+    assert {n for n, m in METHODS.items() if m.supports_gradient_checkpointing} == set(RECOMPUTED)
+
+
+@pytest.mark.parametrize("method", sorted(RECOMPUTED))
+def test_gradient_checkpointing_recomputes_and_trains_identically(method: str, features: list[dict[str, Any]]) -> None:
+    settings = RECOMPUTED[method]
+    factory = make_loader_factory(features, 4, collate_features, seed=1)
+
+    def run(checkpointing: bool) -> tuple[nn.Module, list[dict[str, Any]], int]:
+        model = prepared(method, settings, features)
+        mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        calls = []
+        mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # a pre-hook: the replay stops inside the mlp
+        history = train(model, METHODS[method], settings, factory,
+                        config(max_steps=3, gradient_checkpointing=checkpointing), progress=False).history
+        return model, history, len(calls)
+
+    plain_model, plain, plain_calls = run(False)
+    model, recomputed, calls = run(True)
+    assert plain_calls == 6 and calls == 12  # 3 steps x 2 micro-batches, each replayed once in backward
+    assert plain[-1]["reg"] > 0 or METHODS[method].regularizer is None or method == "dora"
+    for got, want in zip(recomputed, plain, strict=True):
+        for key in ("loss", "reg", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
+    weights, plain_weights = trainable_state(model), trainable_state(plain_model)
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert not inner.is_activation_checkpointing  # switched off again
+    assert inner.config.use_cache is True  # restored
+    if method in ("hydralora", "mtlora"):  # the backward replay stashed nothing that would outlive the step
+        assert all(a.last_probs is None for a in adapters(model).values())
+    if method == "align_lora":
+        assert capture_of(model).outputs == {}
+
+
+def test_dare_refuses_gradient_checkpointing(features: list[dict[str, Any]]) -> None:
+    settings = DareSettings(rank=4)
+    model = prepared("dare", settings, features)
+    factory = make_loader_factory(features, 4, collate_features, seed=0)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing is not supported by dare.*set it to false"):
+        train(model, METHODS["dare"], settings, factory, config(gradient_checkpointing=True), progress=False)
+
+
+def test_gradient_checkpointing_may_change_on_resume(features: list[dict[str, Any]], tmp_path: Path) -> None:
+    settings = settings_of("lora", dropout=0.0)
+    factory = make_loader_factory(features, 4, collate_features, seed=0)
+    train(prepared("lora", settings, features), METHODS["lora"], settings, factory, config(max_steps=2),
+          out_dir=tmp_path, progress=False)
+    resumed = train(prepared("lora", settings, features), METHODS["lora"], settings, factory,
+                    config(max_steps=2, gradient_checkpointing=True), out_dir=tmp_path, resume=True, progress=False)
+    assert resumed.resumed_from == 2  # same math: not a mismatch

@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FORMAT = "thanora-checkpoint/1"
 METHOD_STATE = "method_state.safetensors"
-RUN_ONLY = ("log_every", "eval_every", "save_every")  # TrainConfig fields that may change on resume
+RUN_ONLY = ("log_every", "eval_every", "save_every", "gradient_checkpointing")  # may change on resume (same math)
 
 
 class CheckpointError(ValueError):

@@ -91,12 +91,16 @@ class AdapterContext:
         settings: the method's settings object.
         attention_mask: the ``attention_mask`` keyword of the model's current forward call (``sequence`` router).
         regularizer_calls: calls of the method's regulariser so far (schedules that refresh every k calls).
+        stashing: whether training forwards keep their routing weights (``stash_probs``): opened by every model
+            forward, closed by `take_routing_probs`, so a backward pass that recomputes the layers (gradient
+            checkpointing) does not stash them again and hold their graph until the next step.
     """
 
     method: str
     settings: Any
     attention_mask: Tensor | None = None
     regularizer_calls: int = 0
+    stashing: bool = True
 
 
 class MultiHeadDelta(nn.Module):
@@ -163,7 +167,7 @@ class MultiHeadDelta(nn.Module):
             logits = F.linear(feats, self.router_weight)
         logits = logits.unflatten(-1, (self.cfg.groups, self.cfg.n_heads))  # group-major: (..., g, N)
         probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        if self.training and self.cfg.stash_probs:
+        if self.training and self.cfg.stash_probs and self.context.stashing:
             self.last_probs = probs
         return probs
 
@@ -293,14 +297,14 @@ def inject_(model: nn.Module, sites: Mapping[str, Target | Block], cfg: HeadConf
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, wrapper)
         wrappers[name] = wrapper.train(model.training)
-    if cfg.routed and cfg.router == "sequence":
-        model.register_forward_pre_hook(_mask_hook(context), with_kwargs=True)
+    model.register_forward_pre_hook(_forward_start(context), with_kwargs=True)
     return wrappers
 
 
-def _mask_hook(context: AdapterContext) -> Any:
+def _forward_start(context: AdapterContext) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         context.attention_mask = kwargs.get("attention_mask")
+        context.stashing = True
 
     return hook
 
@@ -325,9 +329,11 @@ def context_of(model: nn.Module) -> AdapterContext:
 
 
 def take_routing_probs(model: nn.Module) -> list[Tensor]:
-    """The routing weights (..., g, N) each routed adapter kept from the last training forward; cleared on return."""
+    """The routing weights (..., g, N) each routed adapter kept from the last training forward; cleared on return,
+    and none kept again until the model's next forward."""
     out = []
     for adapter in adapters(model).values():
+        adapter.context.stashing = False
         if adapter.last_probs is not None:
             out.append(adapter.last_probs)
             adapter.last_probs = None

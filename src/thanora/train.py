@@ -15,7 +15,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType, send_to_device, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedModel, get_scheduler
 
 from thanora.artifacts import write_json
 from thanora.checkpoints import (
@@ -78,6 +78,9 @@ class TrainConfig:
         log_every: append to the history every this many optimizer steps (and at the last one).
         eval_every: call ``eval_fn`` every this many optimizer steps; 0 = never.
         save_every: checkpoint every this many optimizer steps; 0 = only at the end.
+        gradient_checkpointing: recompute each decoder layer's activations during backward instead of keeping them
+            (transformers' activation checkpointing, non-reentrant): far less activation memory for about one more
+            forward pass of time, the same gradients. Methods whose forward keeps per-call state refuse it (DARE).
     """
 
     epochs: int = 1
@@ -94,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 0
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("seed", 0),
@@ -107,6 +111,7 @@ class TrainConfig:
         _require(self.schedule in _SCHEDULERS, "schedule", f"must be one of {sorted(_SCHEDULERS)}")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         _require(self.mixed_precision in ("no", "bf16", "fp16", "auto"), "mixed_precision", "must be no|bf16|fp16|auto")
+        _require(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -196,6 +201,9 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
         NonFiniteLossError: NaN/Inf loss; the parameters and the checkpoints are those of the last good step.
         CheckpointError: ``resume`` found a missing, corrupt or mismatched checkpoint (the message names it).
     """
+    if cfg.gradient_checkpointing and not method.supports_gradient_checkpointing:
+        raise ValueError(f"TrainConfig.gradient_checkpointing is not supported by {method.name} (its forward keeps "
+                         "per-call state that a recomputation in backward would miss); set it to false")
     accelerator = accelerator or make_accelerator(cfg)
     _check_accelerator(accelerator, cfg)
     check_sharding(accelerator.distributed_type)
@@ -236,7 +244,10 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     batches: Iterator[dict[str, Tensor]] | None = None
     was_training = model.training
     wrapped.train()
+    cleanup = ExitStack()
     try:
+        if cfg.gradient_checkpointing:
+            cleanup.enter_context(_recomputed_activations(unwrapped))
         while result.steps < total:
             step = result.steps + 1
             epoch, position = divmod(result.steps, steps_per_epoch)
@@ -283,11 +294,31 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
             write_json(Path(out_dir) / HISTORY, result.history)
         accelerator.wait_for_everyone()
     finally:
+        cleanup.close()
         bar.close()
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # removes the autocast forward patch
         accelerator.free_memory()
         model.train(was_training)
     return result
+
+
+@contextmanager
+def _recomputed_activations(model: nn.Module) -> Iterator[None]:
+    """transformers' activation checkpointing (non-reentrant: no input needs ``requires_grad``, gradients may flow
+    through tensors a method keeps aside) on the model under ``model``'s adapters, without the KV cache it excludes;
+    both as they were on exit. Not hand-written: the decoder layers' own `GradientCheckpointingLayer` wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel → transformers model
+    if not isinstance(inner, PreTrainedModel) or not inner.supports_gradient_checkpointing:
+        raise ValueError(f"TrainConfig.gradient_checkpointing needs a transformers model that supports it; "
+                         f"{type(inner).__name__} does not: set it to false")
+    use_cache = getattr(inner.config, "use_cache", None)
+    inner.activation_checkpointing_enable({"use_reentrant": False})
+    inner.config.use_cache = False
+    try:
+        yield
+    finally:
+        inner.activation_checkpointing_disable()
+        inner.config.use_cache = use_cache
 
 
 def _evaluate(wrapped: nn.Module, unwrapped: nn.Module, eval_fn: EvalFn, step: int, log: list[dict[str, Any]]) -> None:

@@ -76,6 +76,8 @@ class Method:
             parameters (mtLoRA: its call counter and spectral weights), saved in every training checkpoint so a
             resumed run continues bit for bit; ``None`` = none.
         load_train_state: ``(model, tensors from train_state)`` restoring it on resume (with ``train_state``).
+        supports_gradient_checkpointing: the training forward may be recomputed during backward
+            (`thanora.train.TrainConfig.gradient_checkpointing`): no per-forward state that a replay would miss.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Method:
     stratified_batches: bool = False
     train_state: Callable[[nn.Module], dict[str, Tensor]] | None = None
     load_train_state: Callable[[nn.Module, Mapping[str, Tensor]], None] | None = None
+    supports_gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         if (self.train_state is None) != (self.load_train_state is None):

@@ -274,19 +274,23 @@ class AlignCapture:
     Attributes:
         settings: the settings the model was prepared with (`describe` records them).
         outputs: ``{PEFT layer name: A·x (B, L, r)}`` of the last forward in train mode with gradients enabled.
+        open: whether ``lora_A`` outputs are kept: from the start of a model forward until `take`, so a backward pass
+            that recomputes the layers (gradient checkpointing) does not capture them again.
     """
 
     def __init__(self, settings: AlignLoraSettings) -> None:
         self.settings = settings
         self.outputs: dict[str, Tensor] = {}
+        self.open = True
 
     def start_forward(self, task_id: Tensor | None) -> None:
         """Drop the previous forward's activations (the task ids themselves come with the batch)."""
         self.outputs.clear()
+        self.open = True
 
     def take(self) -> dict[str, Tensor]:
-        """The captured activations, leaving the capture empty (nothing outlives the step's graph)."""
-        outputs, self.outputs = self.outputs, {}
+        """The captured activations, leaving the capture empty and closed (nothing outlives the step's graph)."""
+        outputs, self.outputs, self.open = self.outputs, {}, False
         return outputs
 
 
@@ -298,7 +302,7 @@ class _KeepOutput:
         self.name = name
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if module.training and torch.is_grad_enabled():
+        if self.capture.open and module.training and torch.is_grad_enabled():
             self.capture.outputs[self.name] = output
 
 

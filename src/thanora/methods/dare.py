@@ -410,4 +410,7 @@ DARE = Method(
     param_count=lora_param_count,
     describe=describe_dare,
     finalize=finalize_dare,
+    # The per-sample routing lives from the model's forward pre-hook to its forward hook (which clears it, so a later
+    # generate() cannot see stale ids); a backward-time recomputation of a layer would run every adapter on every row.
+    supports_gradient_checkpointing=False,
 )
