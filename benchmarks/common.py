@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import shlex
 import sys
 import threading
 import time
@@ -102,7 +103,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def run_metadata(args: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The exact command, resolved arguments, versions, machine and a UTC timestamp."""
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),  # re-runnable as printed
         "args": args,
         "versions": versions(),
         "machine": machine_info(device),

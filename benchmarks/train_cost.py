@@ -7,7 +7,8 @@ runs in a fresh process: prepare (not timed), then ``--warmup`` + ``--steps`` op
 `thanora.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
 regulariser, backward, clipping, AdamW); the median step time and the peak memory of all the steps above the
 prepared model's (optimiser state, gradients, activations; RSS on CPU after returning freed memory to the OS,
-allocated on CUDA) are reported as ratios to LoRA's, measured in the same run.
+allocated on CUDA) are reported as ratios to LoRA's, measured in the same run. Two more rows train LoRA and ThanoRA
+with gradient checkpointing (`TrainConfig.gradient_checkpointing`): its memory saving and time cost.
 
 Part 2, SPR vs PEGO: ThanoRA prepared for 2 and 4 tasks, on all linear layers and on q/k/v only; in the same
 process, interleaved, steps with no regulariser, with SPR (SPEC §5: Gram-block form, never forms a d_out × d_in
@@ -27,6 +28,7 @@ import json
 import math
 import statistics
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,21 +38,26 @@ import torch
 from torch import nn
 
 from common import RssSampler, now, publish, resolve_device, run_metadata, sync
+from thanora.train import recomputed_activations
 from workload import MIXTURES, load_base, prepare, stratified_batches, task_batches, trainable_count
 
 RESULTS = Path(__file__).parent / "results"
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("lora", {"rank": 64, "lora_dropout": 0.0}),
-    "dora": ("dora", {"rank": 64, "lora_dropout": 0.0}),
-    "corda": ("corda", {"rank": 64}),
-    "dare": ("dare", {}),
-    "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}),
-    "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}),
-    "rlora_plus": ("rlora_plus", {}),
-    "align_lora": ("align_lora", {"rank": 64, "lora_dropout": 0.0}),
-    "mtlora": ("mtlora", {}),
-    "thanora (HASI only)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 0.0}),
-    "thanora (HASI + SPR)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4}),
+# label -> (method, settings, gradient checkpointing)
+METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "lora": ("lora", {"rank": 64, "lora_dropout": 0.0}, False),
+    "dora": ("dora", {"rank": 64, "lora_dropout": 0.0}, False),
+    "corda": ("corda", {"rank": 64}, False),
+    "dare": ("dare", {}, False),
+    "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}, False),
+    "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}, False),
+    "rlora_plus": ("rlora_plus", {}, False),
+    "align_lora": ("align_lora", {"rank": 64, "lora_dropout": 0.0}, False),
+    "mtlora": ("mtlora", {}, False),
+    "thanora (HASI only)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 0.0}, False),
+    "thanora (HASI + SPR)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4}, False),
+    "lora, gradient checkpointing": ("lora", {"rank": 64, "lora_dropout": 0.0}, True),
+    "thanora (HASI + SPR), gradient checkpointing": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4},
+                                                     True),
 }
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -60,6 +67,7 @@ class Job:
     label: str
     method: str
     settings: dict[str, Any]
+    gradient_checkpointing: bool
     device: str
     steps: int
     warmup: int
@@ -148,7 +156,8 @@ def run_method(job: Job) -> dict[str, Any]:
     method = get_method(job.method)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     release_freed_memory()  # calibration buffers freed by prepare must not be reused unseen by the RSS delta
-    with _memory_scope(device) as memory:  # optimiser state, gradients, activations, the method's own buffers
+    recompute = recomputed_activations(model) if job.gradient_checkpointing else nullcontext()
+    with recompute, _memory_scope(device) as memory:  # optimiser state, gradients, activations, method buffers
         train_steps(model, method, settings, batches[: job.warmup], optimizer, device)
         times = train_steps(model, method, settings, batches[job.warmup:], optimizer, device)
     return {"label": job.label, "method": job.method, "settings": job.settings, "params": trainable_count(model),
@@ -236,8 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "methods" in args.parts:
         rows = []
         for label in args.methods:
-            name, settings = METHODS[label]
-            job = Job(label, name, settings, str(device), args.steps, args.warmup, args.batch_size, args.max_length)
+            name, settings, checkpointing = METHODS[label]
+            job = Job(label, name, settings, checkpointing, str(device), args.steps, args.warmup, args.batch_size,
+                      args.max_length)
             with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: comparable peak memory
                 rows.append(pool.submit(run_method, job).result())
             print(f"{label}: {rows[-1]['step_s']:.3f} s/step, +{rows[-1]['peak_mb']:.0f} MiB", flush=True)
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = []
         for n_tasks in (2, 4):
             for targets in (None, QKV):
-                job = Job("thanora", "thanora", {}, str(device), args.steps, args.warmup, args.batch_size,
+                job = Job("thanora", "thanora", {}, False, str(device), args.steps, args.warmup, args.batch_size,
                           args.max_length)
                 with ProcessPoolExecutor(1, mp_context=context) as pool:
                     rows.append(pool.submit(run_spr, job, n_tasks, targets).result())

@@ -247,7 +247,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     cleanup = ExitStack()
     try:
         if cfg.gradient_checkpointing:
-            cleanup.enter_context(_recomputed_activations(unwrapped))
+            cleanup.enter_context(recomputed_activations(unwrapped))
         while result.steps < total:
             step = result.steps + 1
             epoch, position = divmod(result.steps, steps_per_epoch)
@@ -303,10 +303,11 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
 
 
 @contextmanager
-def _recomputed_activations(model: nn.Module) -> Iterator[None]:
-    """transformers' activation checkpointing (non-reentrant: no input needs ``requires_grad``, gradients may flow
-    through tensors a method keeps aside) on the model under ``model``'s adapters, without the KV cache it excludes;
-    both as they were on exit. Not hand-written: the decoder layers' own `GradientCheckpointingLayer` wrapper."""
+def recomputed_activations(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing (`TrainConfig.gradient_checkpointing`) of the transformers model under ``model``'s
+    adapters: its activation checkpointing, non-reentrant (no input needs ``requires_grad``; gradients may flow
+    through tensors a method keeps aside), and no KV cache; both as they were on exit. Not hand-written: the decoder
+    layers' own `GradientCheckpointingLayer` wrapper does the recomputation."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel → transformers model
     if not isinstance(inner, PreTrainedModel) or not inner.supports_gradient_checkpointing:
         raise ValueError(f"TrainConfig.gradient_checkpointing needs a transformers model that supports it; "
