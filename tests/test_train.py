@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from conftest import tiny_llama
+from conftest import llava_batch, tiny_llama, tiny_llava
 from thanora import ThanoraConfig
 from thanora.checkpoints import CHECKPOINTS, LATEST, CheckpointError
 from thanora.formats import IGNORE_INDEX, collate
@@ -403,11 +403,37 @@ def test_gradient_checkpointing_recomputes_and_trains_identically(method: str, f
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert not inner.is_activation_checkpointing  # switched off again
+    assert not getattr(inner, "_require_grads_hooks", None)  # and no input-embedding hook left behind
     assert inner.config.use_cache is True  # restored
     if method in ("hydralora", "mtlora"):  # the backward replay stashed nothing that would outlive the step
         assert all(a.last_probs is None for a in adapters(model).values())
     if method == "align_lora":
         assert capture_of(model).outputs == {}
+
+
+def test_gradient_checkpointing_on_a_vision_language_model() -> None:
+    """LLaVA: the frozen vision tower's layers are checkpointed too (no input of theirs needs a gradient)."""
+    batches = [llava_batch(seed) for seed in range(2)]
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    settings = LoraSettings(rank=4, lora_dropout=0.1)
+
+    calls: list[str] = []
+
+    def run(checkpointing: bool) -> list[dict[str, Any]]:
+        model = METHODS["lora"].prepare(tiny_llava(), settings, MethodContext(seed=0))
+        for name, module in model.named_modules():
+            if name.endswith("layers.0.mlp"):  # the vision tower's and the language model's
+                module.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
+        return train(model, METHODS["lora"], settings, lambda epoch: batches,
+                     config(max_steps=2, grad_accum=1, gradient_checkpointing=checkpointing), progress=False).history
+
+    plain = run(False)
+    assert len(calls) == 4 and len(set(calls)) == 2
+    recomputed = run(True)
+    assert len(calls) == 4 + 6  # the language model's layer replayed; the frozen vision tower needs no backward
+    assert [h["loss"] for h in recomputed] == pytest.approx([h["loss"] for h in plain], rel=1e-5)
+    assert [h["grad_norm"] for h in recomputed] == pytest.approx([h["grad_norm"] for h in plain], rel=1e-5)
 
 
 def test_dare_refuses_gradient_checkpointing(features: list[dict[str, Any]]) -> None:

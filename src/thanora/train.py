@@ -313,7 +313,12 @@ def recomputed_activations(model: nn.Module) -> Iterator[None]:
         raise ValueError(f"TrainConfig.gradient_checkpointing needs a transformers model that supports it; "
                          f"{type(inner).__name__} does not: set it to false")
     use_cache = getattr(inner.config, "use_cache", None)
+    had_input_grad_hooks = bool(getattr(inner, "_require_grads_hooks", None))
     inner.activation_checkpointing_enable({"use_reentrant": False})
+    if not had_input_grad_hooks:
+        # transformers also makes every input embedding's output require grad: reentrant checkpointing needs that,
+        # non-reentrant does not, and on a vision-language model it would run the frozen vision tower's backward.
+        inner.disable_input_require_grads()
     inner.config.use_cache = False
     try:
         yield
