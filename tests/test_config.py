@@ -53,6 +53,8 @@ def test_overrides_by_index_and_by_name(tmp_path: Path) -> None:
         ({"methods": [{"name": "thanora", "rnk": 4}]}, r"rnk"),
         ({"methods": [{"name": "thanora", "tau": -1}]}, r"ThanoraConfig\.tau"),
         ({"tasks": []}, r"at least one task"),
+        ({"train": {"gradient_checkpointing": True}, "methods": [{"name": "lora"}, {"name": "dare"}]},
+         r"train\.gradient_checkpointing: dare .*set it to false"),
         ({"tasks": [{"name": "a", "source": "csqa"}, {"name": "a", "source": "obqa"}]}, r"unique"),
     ],
 )

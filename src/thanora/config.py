@@ -114,6 +114,9 @@ class RunConfig:
             raise ConfigError(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
         for spec in self.methods:
             spec.build()
+            if self.train.gradient_checkpointing and not get_method(spec.name).supports_gradient_checkpointing:
+                raise ConfigError(f"train.gradient_checkpointing: {spec.name} (methods[{spec.label}]) does not "
+                                  "support it (see docs/METHODS.md); set it to false or train that method separately")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (the resolved ``config.yaml``)."""
