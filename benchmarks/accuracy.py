@@ -4,7 +4,8 @@ For each method (and the ablation LoRA / HASI only / HASI + SPR) on the 2-task (
 (CSQA, OBQA, ARC-Easy in the letter format, BoolQ), with the real SmolLM2-135M-Instruct and the offline datasets:
 
 1. learning-rate sweep: every method gets the same grid (``--lrs``), trained on the training split minus a held-out
-   dev slice and scored on that dev slice (never on the evaluation split); the best dev average wins;
+   dev slice and scored on that dev slice (never on the evaluation split); the best dev average wins (a tie: the
+   lowest rate);
 2. final runs: every method at its chosen rate, ``--seeds`` training seeds (adapter init and batch order; the data
    splits stay fixed so every run answers the same questions), same data, steps, rank budget and loop;
 3. the table: per-task and average accuracy (mean ± std over seeds), the base model's zero-shot score, and for each
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label = entry.get("label", entry["name"])
                 sweep.setdefault(label, {})[lr] = metrics[label]["average"]
             print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items()), flush=True)
-        chosen = {label: max(scores, key=scores.__getitem__) for label, scores in sweep.items()}
+        # the best dev average; a tie goes to the lowest rate (the smaller step), whatever the grid's order
+        chosen = {label: max(sorted(scores), key=scores.__getitem__) for label, scores in sweep.items()}
 
     # 2. final runs: one run per (seed, chosen lr) holding the methods that chose it
     finals: dict[str, list[dict[str, Any]]] = {}
@@ -289,7 +291,8 @@ def lr_sentence(result: dict[str, Any], scale: dict[str, Any]) -> str:
         return (f"Learning rate per method taken from the dev sweep of `{result['lrs_from']}` (grid {result['lrs']}, "
                 f"the same for every method; not re-swept on this mixture); then seeds {result['seeds']}.")
     return (f"Learning rate per method chosen on a held-out dev slice ({scale['n_dev']} per task, carved from the "
-            f"training split) from {result['lrs']}, the same grid for every method; then seeds {result['seeds']}.")
+            f"training split) from {result['lrs']}, the same grid for every method (a tie goes to the lowest rate); "
+            f"then seeds {result['seeds']}.")
 
 
 def render(result: dict[str, Any]) -> str:

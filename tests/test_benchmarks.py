@@ -107,6 +107,14 @@ def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, off
     assert "chosen on a held-out dev slice" in table and json.loads((offline / "table.json").read_text())
 
 
+def test_a_tied_sweep_picks_the_lowest_rate_whatever_the_grid_order(accuracy: Any, offline: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BEST, "lora", None)  # never the best: the same dev score at every rate
+    argv = ["--methods", "lora", "--lrs", "1e-3", "1e-4", "3e-4", "--seeds", "0", "--n-eval", "20",
+            "--out", str(offline / "table")]
+    assert accuracy.main(argv)["rows"]["lora"]["lr"] == 1e-4
+
+
 def test_fixed_rate_is_a_sensitivity_table_with_its_own_file(accuracy: Any, offline: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accuracy, "RESULTS", offline / "results")
