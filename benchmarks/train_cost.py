@@ -42,23 +42,21 @@ from thanora.train import recomputed_activations
 from workload import MIXTURES, load_base, prepare, stratified_batches, task_batches, trainable_count
 
 RESULTS = Path(__file__).parent / "results"
-# label -> (method, settings, gradient checkpointing)
-METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "lora": ("lora", {"rank": 64, "lora_dropout": 0.0}, False),
-    "dora": ("dora", {"rank": 64, "lora_dropout": 0.0}, False),
-    "corda": ("corda", {"rank": 64}, False),
-    "dare": ("dare", {}, False),
-    "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}, False),
-    "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}, False),
-    "rlora_plus": ("rlora_plus", {}, False),
-    "align_lora": ("align_lora", {"rank": 64, "lora_dropout": 0.0}, False),
-    "mtlora": ("mtlora", {}, False),
-    "thanora (HASI only)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 0.0}, False),
-    "thanora (HASI + SPR)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4}, False),
-    "lora, gradient checkpointing": ("lora", {"rank": 64, "lora_dropout": 0.0}, True),
-    "thanora (HASI + SPR), gradient checkpointing": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4},
-                                                     True),
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("lora", {"rank": 64, "lora_dropout": 0.0}),
+    "dora": ("dora", {"rank": 64, "lora_dropout": 0.0}),
+    "corda": ("corda", {"rank": 64}),
+    "dare": ("dare", {}),
+    "hydralora 3B1A": ("hydralora", {"preset": "3B1A"}),
+    "hydralora 4B1A": ("hydralora", {"preset": "4B1A"}),
+    "rlora_plus": ("rlora_plus", {}),
+    "align_lora": ("align_lora", {"rank": 64, "lora_dropout": 0.0}),
+    "mtlora": ("mtlora", {}),
+    "thanora (HASI only)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 0.0}),
+    "thanora (HASI + SPR)": ("thanora", {"rank": 64, "lora_dropout": 0.0, "spr_lambda": 1e-4}),
 }
+# extra rows: a METHODS row trained again with gradient checkpointing (label -> that row's label)
+CHECKPOINTED = {f"{label}, gradient checkpointing": label for label in ("lora", "thanora (HASI + SPR)")}
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -67,12 +65,12 @@ class Job:
     label: str
     method: str
     settings: dict[str, Any]
-    gradient_checkpointing: bool
     device: str
     steps: int
     warmup: int
     batch_size: int
     max_length: int
+    gradient_checkpointing: bool = False
 
 
 def _memory_scope(device: torch.device):
@@ -232,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--parts", nargs="*", default=["methods", "spr"], choices=["methods", "spr"])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=[*METHODS, *CHECKPOINTED],
+                        help=f"subset of {[*METHODS, *CHECKPOINTED]}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_cost")
     args = parser.parse_args(argv)
@@ -245,9 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "methods" in args.parts:
         rows = []
         for label in args.methods:
-            name, settings, checkpointing = METHODS[label]
-            job = Job(label, name, settings, checkpointing, str(device), args.steps, args.warmup, args.batch_size,
-                      args.max_length)
+            name, settings = METHODS[CHECKPOINTED.get(label, label)]
+            job = Job(label, name, settings, str(device), args.steps, args.warmup, args.batch_size, args.max_length,
+                      gradient_checkpointing=label in CHECKPOINTED)
             with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: comparable peak memory
                 rows.append(pool.submit(run_method, job).result())
             print(f"{label}: {rows[-1]['step_s']:.3f} s/step, +{rows[-1]['peak_mb']:.0f} MiB", flush=True)
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = []
         for n_tasks in (2, 4):
             for targets in (None, QKV):
-                job = Job("thanora", "thanora", {}, False, str(device), args.steps, args.warmup, args.batch_size,
+                job = Job("thanora", "thanora", {}, str(device), args.steps, args.warmup, args.batch_size,
                           args.max_length)
                 with ProcessPoolExecutor(1, mp_context=context) as pool:
                     rows.append(pool.submit(run_spr, job, n_tasks, targets).result())
