@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finals.setdefault(e.get("label", e["name"]), []).append(metrics[e.get("label", e["name"])])
         print(f"seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
-    # 3. aggregate
+    # 3. aggregate, rows in the methods' order (the final runs went in rate groups)
+    finals = {label: finals[label] for label in labels}
     tasks = [t[0] for t in MIXTURES[args.mixture]]
     rows = {}
     per_question = {label: {t: np.mean([np.asarray(r[t]["correct"], dtype=float) for r in runs], axis=0)
@@ -331,7 +332,23 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 f"{100 * row['vs_lora'][t][0]:+.1f} [{100 * row['vs_lora'][t][1]:+.1f}, "
                 f"{100 * row['vs_lora'][t][2]:+.1f}]" for t in tasks) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + sweep_table(result)) + "\n"
+
+
+def sweep_table(result: dict[str, Any]) -> list[str]:
+    """Markdown lines of the dev-slice sweep (average accuracy per method and rate, the chosen one bold); none when
+    the rates were not swept by this table."""
+    if result.get("lr_fixed") or result.get("lrs_from"):
+        return []
+    lrs = sorted(result["lrs"])
+    lines = ["", "Dev-slice sweep (average accuracy %, chosen rate in bold):", "",
+             "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for label, row in result["rows"].items():
+        scores = {float(lr): score for lr, score in row["sweep"].items()}  # JSON keys are strings
+        cells = [f"{100 * scores[lr]:.1f}" if lr in scores else "–" for lr in lrs]
+        cells = [f"**{c}**" if lr == row["lr"] else c for c, lr in zip(cells, lrs, strict=True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

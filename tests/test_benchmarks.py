@@ -107,6 +107,20 @@ def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, off
     assert "chosen on a held-out dev slice" in table and json.loads((offline / "table.json").read_text())
 
 
+def test_rows_keep_the_methods_order_and_the_table_shows_the_sweep(accuracy: Any, offline: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BEST, "lora", 1e-3)
+    monkeypatch.setitem(BEST, "dora", 3e-4)  # the final runs go lowest rate first: dora's group before lora's
+    argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--seeds", "0", "--n-eval", "20",
+            "--out", str(offline / "table")]
+    assert list(accuracy.main(argv)["rows"]) == ["lora", "dora"]
+    table = (offline / "table.md").read_text()
+    assert "| method | 0.0003 | 0.001 |" in table
+    assert "| lora | 50.0 | **62.5** |" in table and "| dora | **62.5** | 50.0 |" in table
+    rendered = accuracy.render(json.loads((offline / "table.json").read_text()))  # string keys after JSON
+    assert "| lora | 50.0 | **62.5** |" in rendered
+
+
 def test_a_tied_sweep_picks_the_lowest_rate_whatever_the_grid_order(accuracy: Any, offline: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(BEST, "lora", None)  # never the best: the same dev score at every rate
