@@ -7,7 +7,10 @@ runs in a fresh process: prepare (not timed), then ``--warmup`` + ``--steps`` op
 `thanora.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
 regulariser, backward, clipping, AdamW); the median step time and the peak memory of all the steps above the
 prepared model's (optimiser state, gradients, activations; RSS on CPU after returning freed memory to the OS,
-allocated on CUDA) are reported as ratios to LoRA's, measured in the same run. Two more rows train LoRA and ThanoRA
+allocated on CUDA) are reported as ratios to LoRA's, measured in the same run: ``--rounds`` times (3), every
+method once per round in a rotated order, each ratio taken within its round; the table gives the median ratio and
+its range over rounds (a single sequential pass on a shared 2-core machine was seen to be off by 2x when a short
+job overlapped LoRA's run). Two more rows train LoRA and ThanoRA
 with gradient checkpointing (`TrainConfig.gradient_checkpointing`): its memory saving and time cost.
 
 Part 2, SPR vs PEGO: ThanoRA prepared for 2 and 4 tasks, on all linear layers and on q/k/v only; in the same
@@ -16,7 +19,7 @@ product) and with a PEGO-style penalty Σ_{i<j} ‖ΔW_iᵀ ΔW_j‖_F² on the 
 Reported: the step-time overhead of each penalty over the unregularised step, and the penalty's own forward +
 backward time and peak memory. Target: SPR adds under 5 % step time.
 
-    python benchmarks/train_cost.py [--steps 6] [--warmup 2] [--parts methods spr] [--device auto]
+    python benchmarks/train_cost.py [--steps 6] [--warmup 2] [--rounds 3] [--parts methods spr] [--device auto]
 
 Writes benchmarks/results/train_cost.json and .md (atomically); prints the tables.
 """
@@ -223,10 +226,50 @@ def run_spr(job: Job, n_tasks: int, targets: tuple[str, ...] | None) -> dict[str
             "overhead": {name: median[name] / median["none"] - 1 for name in ("spr", "pego")}, "alone": alone}
 
 
+def in_fresh_process(worker: Any, *args: Any) -> Any:
+    """``worker(*args)`` in a new spawned process (nothing shared: comparable peak memory, no warm caches)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(worker, *args).result()
+
+
+def measure_methods(jobs: list[Job], rounds: int, measure: Any) -> list[dict[str, Any]]:
+    """Measure every job ``rounds`` times (``measure(job)``: a `run_method` result) and pair each round with LoRA's.
+
+    Each round runs every job once, in an order rotated by one per round, so that no method always runs first or
+    right after the same neighbour; the ratios to LoRA (the ``lora`` job, else the first) are taken within a round
+    and their median and range over rounds reported, so slow drift of the machine cancels and its noise shows.
+    """
+    labels = [job.label for job in jobs]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for k in range(rounds):
+        shift = k % len(jobs)
+        for job in jobs[shift:] + jobs[:shift]:
+            runs[job.label].append(measure(job))
+            print(f"round {k + 1}/{rounds}, {job.label}: {runs[job.label][-1]['step_s']:.3f} s/step, "
+                  f"+{runs[job.label][-1]['peak_mb']:.0f} MiB", flush=True)
+    reference = runs["lora" if "lora" in runs else labels[0]]
+    rows = []
+    for label in labels:
+        first = runs[label][0]
+        row = {key: first[key] for key in ("label", "method", "settings", "params")}
+        row["step_s"] = statistics.median(r["step_s"] for r in runs[label])
+        row["peak_mb"] = statistics.median(r["peak_mb"] for r in runs[label])
+        for key, field in (("step_ratio", "step_s"), ("memory_ratio", "peak_mb")):
+            ratios = [r[field] / ref[field] if ref[field] > 0 else math.nan
+                      for r, ref in zip(runs[label], reference, strict=True)]
+            row[key], row[f"{key}_range"] = statistics.median(ratios), [min(ratios), max(ratios)]
+        row["rounds"] = [{key: r[key] for key in ("step_s", "step_s_all", "peak_mb")} for r in runs[label]]
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="methods part: measure every method this many times (interleaved), report the median "
+                             "ratio to LoRA and its range")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--parts", nargs="*", default=["methods", "spr"], choices=["methods", "spr"])
@@ -235,26 +278,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_cost")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     device = resolve_device(args.device)
     meta = run_metadata(vars(args) | {"out": str(args.out)}, device)
     previous = args.out.parent / f"{args.out.name}.json"
     result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}  # parts accumulate
     result |= {"benchmark": "train_cost", "meta": meta}
-    context = get_context("spawn")
     if "methods" in args.parts:
-        rows = []
-        for label in args.methods:
-            name, settings = METHODS[CHECKPOINTED.get(label, label)]
-            job = Job(label, name, settings, str(device), args.steps, args.warmup, args.batch_size, args.max_length,
-                      gradient_checkpointing=label in CHECKPOINTED)
-            with ProcessPoolExecutor(1, mp_context=context) as pool:  # fresh process: comparable peak memory
-                rows.append(pool.submit(run_method, job).result())
-            print(f"{label}: {rows[-1]['step_s']:.3f} s/step, +{rows[-1]['peak_mb']:.0f} MiB", flush=True)
-        lora = next((r for r in rows if r["label"] == "lora"), rows[0])
-        for r in rows:
-            r["step_ratio"] = r["step_s"] / lora["step_s"]
-            r["memory_ratio"] = r["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] > 0 else math.nan
-        result["methods"] = rows
+        jobs = [Job(label, *METHODS[CHECKPOINTED.get(label, label)], str(device), args.steps, args.warmup,
+                    args.batch_size, args.max_length, gradient_checkpointing=label in CHECKPOINTED)
+                for label in args.methods]
+        result["methods"] = measure_methods(jobs, args.rounds, lambda job: in_fresh_process(run_method, job))
         result["meta_methods"] = meta
     if "spr" in args.parts:
         rows = []
@@ -262,8 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for targets in (None, QKV):
                 job = Job("thanora", "thanora", {}, str(device), args.steps, args.warmup, args.batch_size,
                           args.max_length)
-                with ProcessPoolExecutor(1, mp_context=context) as pool:
-                    rows.append(pool.submit(run_spr, job, n_tasks, targets).result())
+                rows.append(in_fresh_process(run_spr, job, n_tasks, targets))
                 r = rows[-1]
                 print(f"T={n_tasks} {r['targets']}: SPR +{100 * r['overhead']['spr']:.1f} %, PEGO "
                       f"+{100 * r['overhead']['pego']:.1f} %", flush=True)
@@ -279,12 +313,16 @@ def render(result: dict[str, Any]) -> str:
     memory = "peak allocated" if meta["machine"]["device"].startswith("cuda") else "peak RSS"
     lines = ["# Training cost (paper Table 5)"]
     if "methods" in result:
-        lines += ["", _provenance(result.get("meta_methods", meta)), "",
+        methods_meta = result.get("meta_methods", meta)
+        rounds = methods_meta["args"].get("rounds", 1)
+        paired = (f" Each method measured in {rounds} interleaved rounds (a fresh process each time); ratios: median "
+                  "over rounds of the ratio to LoRA's run in the same round, with the range." if rounds > 1 else "")
+        lines += ["", _provenance(methods_meta) + paired, "",
                   f"| method | trainable params | step time × LoRA | {memory} of the steps × LoRA | s/step | MiB |",
                   "|---|---|---|---|---|---|"]
         for r in result["methods"]:
-            lines.append(f"| {r['label']} | {r['params']:,} | {r['step_ratio']:.2f} | {r['memory_ratio']:.2f} | "
-                         f"{r['step_s']:.3f} | {r['peak_mb']:.0f} |")
+            lines.append(f"| {r['label']} | {r['params']:,} | {_ratio(r, 'step_ratio')} | "
+                         f"{_ratio(r, 'memory_ratio')} | {r['step_s']:.3f} | {r['peak_mb']:.0f} |")
     if "spr" in result:
         lines += ["", "SPR (Gram blocks) vs PEGO-style full-update penalty on ThanoRA (rank 64). "
                   + _provenance(result.get("meta_spr", meta)), "",
@@ -297,6 +335,12 @@ def render(result: dict[str, Any]) -> str:
                          f"{1000 * spr['seconds']:.1f} / {spr['peak_mb']:.0f} | "
                          f"{1000 * pego['seconds']:.1f} / {pego['peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    """``median (min-max)`` over rounds; the bare value for a single round (or a result from before rounds)."""
+    low, high = row.get(f"{key}_range", [row[key], row[key]])
+    return f"{row[key]:.2f}" if low == high else f"{row[key]:.2f} ({low:.2f}-{high:.2f})"
 
 
 def _provenance(meta: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""The accuracy benchmark's own logic, without training: learning-rate choice, seed/rate grouping of the final runs,
-aggregation, the paired bootstrap and the rendered table (the runs are replaced by a synthetic ``run``)."""
+"""The benchmarks' own logic, without training. Accuracy: learning-rate choice, seed/rate grouping of the final runs,
+aggregation, the paired bootstrap and the rendered table (the runs are replaced by a synthetic ``run``). Training
+cost: the interleaved rounds and the per-round pairing with LoRA (the measurement replaced by a synthetic one)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,22 @@ from thanora.methods import get_method
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def accuracy() -> Any:
+def benchmark_module(name: str) -> Any:
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("accuracy")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def accuracy() -> Any:
+    return benchmark_module("accuracy")
+
+
+@pytest.fixture(scope="module")
+def train_cost() -> Any:
+    return benchmark_module("train_cost")
 
 
 def test_bootstrap_of_a_constant_difference_is_that_difference(accuracy: Any) -> None:
@@ -146,3 +156,28 @@ def test_fixed_rate_is_a_sensitivity_table_with_its_own_file(accuracy: Any, offl
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:
     with pytest.raises(SystemExit):
         accuracy.main(["--lr", "1e-3", "--lrs", "1e-4"])
+
+
+def test_train_cost_rounds_rotate_and_pair_each_ratio_with_loras_round(train_cost: Any) -> None:
+    jobs = [train_cost.Job(label, "lora", {}, "cpu", 1, 0, 8, 16) for label in ("lora", "dora", "mtlora")]
+    seconds = {"lora": [1.0, 2.0, 1.0], "dora": [1.5, 3.0, 1.5], "mtlora": [2.0, 2.0, 2.0]}  # round 2: a slow machine
+    order: list[str] = []
+
+    def measure(job: Any) -> dict[str, Any]:
+        k = sum(label == job.label for label in order)
+        order.append(job.label)
+        return {"label": job.label, "method": job.method, "settings": {}, "params": 1,
+                "step_s": seconds[job.label][k], "step_s_all": [seconds[job.label][k]], "peak_mb": 100.0 * (k + 1)}
+
+    rows = {r["label"]: r for r in train_cost.measure_methods(jobs, 3, measure)}
+    assert order == ["lora", "dora", "mtlora", "dora", "mtlora", "lora", "mtlora", "lora", "dora"]
+    assert rows["dora"]["step_ratio"] == 1.5 and rows["dora"]["step_ratio_range"] == [1.5, 1.5]  # drift cancels
+    assert rows["mtlora"]["step_ratio"] == 2.0 and rows["mtlora"]["step_ratio_range"] == [1.0, 2.0]
+    assert rows["lora"]["step_s"] == 1.0 and rows["mtlora"]["memory_ratio"] == 1.0
+    assert len(rows["dora"]["rounds"]) == 3
+    table = train_cost.render({"meta": {"machine": {"device": "cpu", "processor": "x", "torch_threads": 2},
+                                        "command": "c", "timestamp_utc": "t",
+                                        "args": {"steps": 1, "warmup": 0, "batch_size": 8, "max_length": 16,
+                                                 "rounds": 3}},
+                               "methods": list(rows.values())})
+    assert "| mtlora | 1 | 2.00 (1.00-2.00) | 1.00 |" in table and "3 interleaved rounds" in table
