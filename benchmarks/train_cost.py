@@ -235,9 +235,10 @@ def in_fresh_process(worker: Any, *args: Any) -> Any:
 def measure_methods(jobs: list[Job], rounds: int, measure: Any) -> list[dict[str, Any]]:
     """Measure every job ``rounds`` times (``measure(job)``: a `run_method` result) and pair each round with LoRA's.
 
-    Each round runs every job once, in an order rotated by one per round, so that no method always runs first or
-    right after the same neighbour; the ratios to LoRA (the ``lora`` job, else the first) are taken within a round
-    and their median and range over rounds reported, so slow drift of the machine cancels and its noise shows.
+    Each round runs every job once, in an order rotated by one per round, so that no method always runs first (on a
+    machine still busy with whatever ran before); the ratios to LoRA (the ``lora`` job, else the first) are taken
+    within a round and their median and range over rounds reported, so slow drift of the machine cancels and its
+    noise shows.
     """
     labels = [job.label for job in jobs]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
