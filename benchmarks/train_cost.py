@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -226,13 +227,14 @@ def run_spr(job: Job, n_tasks: int, targets: tuple[str, ...] | None) -> dict[str
             "overhead": {name: median[name] / median["none"] - 1 for name in ("spr", "pego")}, "alone": alone}
 
 
-def in_fresh_process(worker: Any, *args: Any) -> Any:
+def in_fresh_process(worker: Callable[..., Any], *args: Any) -> Any:
     """``worker(*args)`` in a new spawned process (nothing shared: comparable peak memory, no warm caches)."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(worker, *args).result()
 
 
-def measure_methods(jobs: list[Job], rounds: int, measure: Any) -> list[dict[str, Any]]:
+def measure_methods(jobs: list[Job], rounds: int,
+                    measure: Callable[[Job], dict[str, Any]]) -> list[dict[str, Any]]:
     """Measure every job ``rounds`` times (``measure(job)``: a `run_method` result) and pair each round with LoRA's.
 
     Each round runs every job once, in an order rotated by one per round, so that no method always runs first (on a
@@ -245,9 +247,10 @@ def measure_methods(jobs: list[Job], rounds: int, measure: Any) -> list[dict[str
     for k in range(rounds):
         shift = k % len(jobs)
         for job in jobs[shift:] + jobs[:shift]:
-            runs[job.label].append(measure(job))
-            print(f"round {k + 1}/{rounds}, {job.label}: {runs[job.label][-1]['step_s']:.3f} s/step, "
-                  f"+{runs[job.label][-1]['peak_mb']:.0f} MiB", flush=True)
+            run = measure(job)
+            runs[job.label].append(run)
+            print(f"round {k + 1}/{rounds}, {job.label}: {run['step_s']:.3f} s/step, +{run['peak_mb']:.0f} MiB",
+                  flush=True)
     reference = runs["lora" if "lora" in runs else labels[0]]
     rows = []
     for label in labels:
