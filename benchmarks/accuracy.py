@@ -14,7 +14,8 @@ For each method (and the ablation LoRA / HASI only / HASI + SPR) on the 2-task (
 
 Answer formats where training moves a 135M model: CSQA / OBQA / BoolQ ranked (option text scored by length-normalised
 log-likelihood); ARC-Easy in the letter format (paper style) in the 4-task mixture, which a 135M model barely moves:
-its row shows that. Every run goes through `thanora.pipeline.run` (the same code as ``thanora run``); run folders
+its row shows that. Every run goes through `thanora.experiment.pipeline.run` (the same code as ``thanora run``); run
+folders
 are kept under ``runs/benchmarks/accuracy/``.
 
     python benchmarks/accuracy.py --mixture 2 --scale tiny            # this machine (2 CPU cores)
@@ -84,7 +85,7 @@ def method_entries(rank: int) -> list[dict[str, Any]]:
 def param_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     """Trainable parameters of every entry on SmolLM2 (analytic, from the model config on the meta device)."""
     from thanora.cli import meta_model
-    from thanora.methods import get_method
+    from thanora.methods.registry import get_method
 
     model = meta_model("smollm2")
     out = {}
@@ -130,8 +131,8 @@ def run_config(tasks: list[dict], methods: list[dict], lr: float, seed: int, sca
 def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """``thanora run`` on ``config`` into ``out``; a folder that already holds the methods is read, not re-run, and
     an interrupted run (or one that lacks some of the methods) is resumed: the benchmark can be re-entered."""
-    from thanora.config import config_from_dict
-    from thanora.pipeline import run as run_pipeline
+    from thanora.experiment.config import config_from_dict
+    from thanora.experiment.pipeline import run as run_pipeline
 
     labels = [m.get("label", m["name"]) for m in config["methods"]]
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":

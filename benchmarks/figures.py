@@ -4,12 +4,13 @@
 Parts (``--parts``):
 
 - ``allocation``: ThanoRA's calibration + rank plan on the 4-task mixture (CSQA, OBQA, ARC-Easy, BoolQ), rank 64,
-  every linear layer; `thanora.plots` draws the per-layer allocation per task and the normalised entropies.
+  every linear layer; `thanora.experiment.plots` draws the per-layer allocation per task and the normalised entropies.
   No training: minutes on a CPU.
 - ``rank``: LoRA, HASI only and HASI + SPR on CSQA + OBQA at rank budgets ``--ranks`` (one seed, fixed lr).
 - ``sensitivity``: ThanoRA on CSQA + OBQA with one of λ (spr_lambda), γ (gamma), τ (tau) varied at a time.
 
-The training parts go through `thanora.pipeline.run` (run folders under ``runs/benchmarks/figures/``) at the sizes
+The training parts go through `thanora.experiment.pipeline.run` (run folders under ``runs/benchmarks/figures/``) at the
+sizes
 of ``benchmarks/accuracy.py --scale``.
 
     python benchmarks/figures.py --parts allocation
@@ -39,9 +40,9 @@ THANORA = {"name": "thanora", "spr_lambda": 1e-3, "spr_normalization": "init", "
 
 def allocation(args: argparse.Namespace) -> dict[str, Any]:
     """Calibrate and plan on the 4-task mixture; draw Figures 4 and 1c."""
-    from thanora.config import config_from_dict
-    from thanora.plots import entropy_figure, rank_allocation_figure, save_figure
-    from thanora.stages import plan
+    from thanora.experiment.config import config_from_dict
+    from thanora.experiment.plots import entropy_figure, rank_allocation_figure, save_figure
+    from thanora.experiment.stages import plan
 
     scale = SCALES[args.scale]
     tasks = task_configs(4, scale, dev=False)
@@ -99,7 +100,7 @@ def _line_plot(series: dict[str, dict[str, float]], xlabel: str, path: Path, log
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from thanora.plots import save_figure
+    from thanora.experiment.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     for label, points in series.items():

@@ -49,8 +49,8 @@ def build_variant(label: str, device: torch.device, calibration: dict[str, list]
     """The model of one variant and facts about it (trainable parameters; merged-vs-unmerged check)."""
     from transformers import AutoModelForCausalLM
 
-    from thanora.merge import merge_adapter_into
-    from thanora.methods import get_method
+    from thanora.adapters.merge import merge_adapter_into
+    from thanora.methods.registry import get_method
 
     base, _ = load_base(device)
     spec = VARIANTS[label]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    from thanora.formats import collate
+    from thanora.data.formats import collate
 
     _, tokenizer = load_base(device)
     tasks = MIXTURES[2]

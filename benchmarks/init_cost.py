@@ -85,9 +85,9 @@ def load_model(device: torch.device) -> tuple[torch.nn.Module, Any]:
 def build_data(tokenizer: Any, n: int, heldout_per_task: int, max_length: int, seed: int
                ) -> tuple[dict[str, Features], Features]:
     """N calibration samples per task and a disjoint held-out set, tokenised as thanora's training formats them."""
-    from thanora.formats import encode_example, format_prompt, format_target
-    from thanora.sources import load_source
-    from thanora.splits import split_examples
+    from thanora.data.formats import encode_example, format_prompt, format_target
+    from thanora.data.sources import load_source
+    from thanora.data.splits import split_examples
 
     calibration: dict[str, Features] = {}
     heldout: Features = []
@@ -102,7 +102,7 @@ def build_data(tokenizer: Any, n: int, heldout_per_task: int, max_length: int, s
 
 def padded(features: Features, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` (B, L) on ``device``."""
-    from thanora.formats import collate
+    from thanora.data.formats import collate
 
     batch = collate([{"input_ids": f} for f in features], pad_id)
     return {k: v.to(device) for k, v in batch.items()}
@@ -134,7 +134,7 @@ def run_job(job: Job) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
     if job.method == "thanora":
         import thanora
-        import thanora.prepare as tp
+        import thanora.methods.thanora as tp
 
         batches = {t: [padded(f[i:i + job.batch_size], pad_id, device) for i in range(0, len(f), job.batch_size)]
                    for t, f in job.calibration.items() if t in job.tasks}

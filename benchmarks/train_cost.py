@@ -4,7 +4,7 @@ and what SPR costs compared with a full-update orthogonality penalty (PEGO-style
 Part 1, methods: SmolLM2-135M-Instruct, every linear layer of the decoder, rank 64 (HydraLoRA presets at their own
 budget), task-stratified batches of real CSQA + OBQA training examples (batch 8, answer-only labels). Each method
 runs in a fresh process: prepare (not timed), then ``--warmup`` + ``--steps`` optimiser steps of the loop
-`thanora.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
+`thanora.training.train.train` runs (forward with task ids where the method trains with them, task loss + the method's
 regulariser, backward, clipping, AdamW); the median step time and the peak memory of all the steps above the
 prepared model's (optimiser state, gradients, activations; RSS on CPU after returning freed memory to the OS,
 allocated on CUDA) are reported as ratios to LoRA's, measured in the same run: ``--rounds`` times (3), every
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from common import RssSampler, now, publish, resolve_device, run_metadata, sync
-from thanora.train import recomputed_activations
+from thanora.training.train import recomputed_activations
 from workload import MIXTURES, load_base, prepare, stratified_batches, task_batches, trainable_count
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,7 +119,8 @@ def release_freed_memory() -> None:
 def train_steps(model: nn.Module, method: Any, settings: Any, batches: list[dict[str, torch.Tensor]],
                 optimizer: torch.optim.Optimizer, device: torch.device,
                 penalty: Any = None) -> list[float]:
-    """One timed optimiser step per batch, as `thanora.train.train` does it; ``penalty`` (model -> scalar) replaces
+    """One timed optimiser step per batch, as `thanora.training.train.train` does it; ``penalty`` (model -> scalar)
+    replaces
     the method's regulariser when given. Returns the seconds of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
@@ -146,7 +147,7 @@ def train_steps(model: nn.Module, method: Any, settings: Any, batches: list[dict
 
 def run_method(job: Job) -> dict[str, Any]:
     """Worker: prepare one method on a fresh model, then time its steps and measure their peak memory."""
-    from thanora.methods import get_method
+    from thanora.methods.registry import get_method
 
     device = torch.device(job.device)
     base, tokenizer = load_base(device)
@@ -169,7 +170,7 @@ def run_method(job: Job) -> dict[str, Any]:
 def pego_penalty(model: nn.Module) -> torch.Tensor:
     """PEGO-style full-update orthogonality: Σ_modules Σ_{i<j} ‖(B_i A_i)ᵀ (B_j A_j)‖_F² on the materialised task
     updates (d_out × d_in each): what SPR avoids by working on the r × r Gram blocks."""
-    from thanora.layers import adapter_of, lora_factors
+    from thanora.adapters.record import adapter_of, lora_factors
 
     adapter = adapter_of(model)
     tasks = list(adapter.plan.tasks)
@@ -186,9 +187,9 @@ def pego_penalty(model: nn.Module) -> torch.Tensor:
 
 def run_spr(job: Job, n_tasks: int, targets: tuple[str, ...] | None) -> dict[str, Any]:
     """Worker: ThanoRA for ``n_tasks`` tasks on ``targets``; steps without / with SPR / with PEGO, interleaved."""
-    from thanora.layers import adapter_of
-    from thanora.methods import get_method
-    from thanora.prepare import spr_loss
+    from thanora.adapters.record import adapter_of
+    from thanora.methods.registry import get_method
+    from thanora.methods.thanora import spr_loss
 
     device = torch.device(job.device)
     base, tokenizer = load_base(device)

@@ -1,6 +1,6 @@
 """The real workload the cost benchmarks share: SmolLM2, real task batches, and any method prepared on it.
 
-Everything goes through the library's own code paths (`thanora.data`, `thanora.methods`), so a benchmark measures
+Everything goes through the library's own code paths (`thanora.data.tasks`, `thanora.methods`), so a benchmark measures
 what a user's run does. Import it from a script in this folder.
 """
 
@@ -47,7 +47,7 @@ class TaskBatches:
 def task_batches(tokenizer: Any, tasks: tuple[str, ...], n_train: int, n_calibration: int, max_length: int,
                  device: torch.device, seed: int = 0) -> TaskBatches:
     """Real CSQA / OBQA / ARC-Easy / BoolQ examples in the ranked format, encoded exactly as `thanora run` does."""
-    from thanora.data import DataConfig, TaskConfig, build_task, calibration_batches, encode_examples
+    from thanora.data.tasks import DataConfig, TaskConfig, build_task, calibration_batches, encode_examples
 
     data = DataConfig(max_length=max_length, seed=seed)
     features: list[dict[str, Any]] = []
@@ -64,7 +64,7 @@ def stratified_batches(features: list[dict[str, Any]], batch_size: int, n_tasks:
     """``n_batches`` padded batches, each with samples of every task (what Align-LoRA needs; harmless for others)."""
     import random
 
-    from thanora.formats import collate
+    from thanora.data.formats import collate
 
     by_task = [[f for f in features if f["task_id"] == t] for t in range(n_tasks)]
     rng = random.Random(seed)
@@ -78,7 +78,8 @@ def stratified_batches(features: list[dict[str, Any]], batch_size: int, n_tasks:
 def prepare(name: str, settings: dict[str, Any], base: nn.Module, calibration: dict[str, list] | None,
             seed: int = 0) -> tuple[nn.Module, Any]:
     """``base`` prepared by method ``name`` with ``settings`` (the method's YAML fields); returns (model, settings)."""
-    from thanora.methods import MethodContext, get_method
+    from thanora.methods.base import MethodContext
+    from thanora.methods.registry import get_method
 
     method = get_method(name)
     config = method.config_cls(**settings)
@@ -107,7 +108,7 @@ def trainable_count(model: nn.Module) -> int:
 def eval_features(tokenizer: Any, tasks: tuple[str, ...], n_eval: int, max_length: int,
                   seed: int = 0) -> list[dict[str, Any]]:
     """The evaluation examples of every task (prompt + correct answer, ranked format), encoded as in training."""
-    from thanora.data import DataConfig, TaskConfig, build_task, encode_examples
+    from thanora.data.tasks import DataConfig, TaskConfig, build_task, encode_examples
 
     data = DataConfig(max_length=max_length, seed=seed)
     out: list[dict[str, Any]] = []

@@ -28,10 +28,11 @@ from test_train import (
     synthetic_features,
 )
 from thanora import ThanoraConfig, adapter_of
-from thanora.layers import lora_factors
-from thanora.methods import METHODS, MethodContext
+from thanora.adapters.record import lora_factors
+from thanora.methods.base import MethodContext
 from thanora.methods.dare import DareSettings
-from thanora.train import TrainConfig, make_loader_factory, train
+from thanora.methods.registry import METHODS
+from thanora.training.train import TrainConfig, make_loader_factory, train
 
 # float64 statistics: a sum split across processes differs from the sequential one only by round-off, which the
 # C^(-1/2) of a badly conditioned tiny-model covariance amplifies to ~1e-4 in float32.

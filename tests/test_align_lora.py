@@ -13,9 +13,8 @@ from torch import Tensor, nn
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
 from test_train import collate_features, learnable_llama, synthetic_features
-from thanora.config import load_config
-from thanora.data import DataConfig, MixtureSampler
-from thanora.methods import METHODS, MethodContext, get_method
+from thanora.data.tasks import DataConfig, MixtureSampler
+from thanora.experiment.config import load_config
 from thanora.methods.align_lora import (
     ALIGN_LORA,
     REFERENCE_BANDWIDTHS,
@@ -27,7 +26,9 @@ from thanora.methods.align_lora import (
     mean_pool,
     mk_mmd2,
 )
-from thanora.train import TrainConfig, train
+from thanora.methods.base import MethodContext
+from thanora.methods.registry import METHODS, get_method
+from thanora.training.train import TrainConfig, train
 
 CONFIG = Path(__file__).parents[1] / "configs" / "csqa_obqa_align_lora.yaml"
 SIGMAS = (0.3, 1.0, 2.5)  # bandwidths at the scale of the test data, so every kernel matters

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from thanora.allocation import (
+from thanora.core.allocation import (
     COOP,
     RankBudgetError,
     RankPlan,

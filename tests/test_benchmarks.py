@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from thanora.methods import get_method
+from thanora.methods.registry import get_method
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

@@ -101,10 +101,10 @@ def test_sharded_launch_is_refused_before_any_work(setup: tuple[Path, Path], mon
 
     from accelerate.utils import DistributedType
 
-    import thanora.pipeline
+    import thanora.experiment.pipeline
 
     root, config = setup
-    monkeypatch.setattr(thanora.pipeline, "make_accelerator",
+    monkeypatch.setattr(thanora.experiment.pipeline, "make_accelerator",
                         lambda *a, **k: SimpleNamespace(distributed_type=DistributedType.FSDP))
     assert main(["run", str(config), "--output-dir", str(root / "fsdp"), "-q"]) == 2
     assert "DDP" in capsys.readouterr().err
@@ -120,7 +120,7 @@ def test_bad_key_and_unknown_method_exit_2(setup: tuple[Path, Path], capsys: pyt
 
 
 def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
-    from thanora.methods import METHODS
+    from thanora.methods.registry import METHODS
 
     assert main(["methods", "--model", "none"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -131,7 +131,7 @@ def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
 def test_methods_counts_parameters_of_a_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Counts come from the config alone (meta device) and equal LoRA's real trainable count at that rank."""
     from conftest import tiny_llama
-    from thanora.methods import MethodContext
+    from thanora.methods.base import MethodContext
     from thanora.methods.lora import LORA, LoraSettings
 
     tiny_llama().save_pretrained(tmp_path / "m")

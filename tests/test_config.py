@@ -1,4 +1,4 @@
-"""Tests for thanora.config: YAML loading, overrides, unknown keys and value errors with their key path."""
+"""Tests for thanora.experiment.config: YAML loading, overrides, unknown keys and value errors with their key path."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from thanora.config import ConfigError, config_from_dict, load_config
-from thanora.hasi_config import ThanoraConfig
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.experiment.config import ConfigError, config_from_dict, load_config
 
 BASE = {
     "model": {"name_or_path": "some/model"},

@@ -13,10 +13,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from conftest import logits, perturb_, random_batch, tiny_gpt2, tiny_llama
-from thanora.layers import adapter_of, lora_factors, lora_layer
-from thanora.methods import MethodContext, get_method
+from thanora.adapters.record import adapter_of, lora_factors, lora_layer
+from thanora.core.targets import find_targets, weight_matrix
+from thanora.methods.base import MethodContext
 from thanora.methods.corda import CORDA, CordaSettings
-from thanora.targets import find_targets, weight_matrix
+from thanora.methods.registry import get_method
 
 F64 = torch.float64
 R = 4

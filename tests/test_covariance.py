@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import llava_batch, random_batch, tiny_gpt2, tiny_llama, tiny_llava
-from thanora.covariance import CovarianceFitter, CovarianceStats, collect_covariances
-from thanora.targets import find_targets
+from thanora.core.covariance import CovarianceFitter, CovarianceStats, collect_covariances
+from thanora.core.targets import find_targets
 
 F64 = torch.float64
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from conftest import assert_export_rebuilds_the_adapter, logits, random_batch, run_tiny, tiny_gpt2, tiny_llama
 from test_train import calibration_batches, collate_features, config, learnable_llama, synthetic_features
-from thanora.methods import MethodContext, get_method
+from thanora.core.targets import find_targets
+from thanora.methods.base import MethodContext
 from thanora.methods.dare import (
     DARE,
     SIDECAR,
@@ -26,8 +27,8 @@ from thanora.methods.dare import (
     record_of,
     task_ranks,
 )
-from thanora.targets import find_targets
-from thanora.train import make_loader_factory, train
+from thanora.methods.registry import get_method
+from thanora.training.train import make_loader_factory, train
 
 TASKS = ("alpha", "beta")
 

@@ -1,4 +1,4 @@
-"""Tests for thanora.data: task configs, seeded splits, features and the mixture sampler."""
+"""Tests for thanora.data.tasks: task configs, seeded splits, features and the mixture sampler."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from thanora.data import DataConfig, MixtureSampler, TaskConfig, build_task
+from thanora.data.tasks import DataConfig, MixtureSampler, TaskConfig, build_task
 
 
 def _jsonl(path: Path, n: int) -> str:

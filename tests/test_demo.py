@@ -18,7 +18,7 @@ def test_demo_config_runs_end_to_end_on_smollm2(tmp_path: Path) -> None:
 
     try:
         from thanora.assets import smollm2_dir
-        from thanora.sources import load_source
+        from thanora.data.sources import load_source
 
         smollm2_dir()
         load_source("csqa")

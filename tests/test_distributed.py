@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 from _dist_worker import N_FEATURES, THANORA_CONFIG, TRAIN_CONFIG, calibration
 from test_train import collate_features, learnable_llama, synthetic_features
-from thanora.checkpoints import CHECKPOINTS
-from thanora.methods import METHODS, MethodContext
-from thanora.train import make_loader_factory, train
+from thanora.methods.base import MethodContext
+from thanora.methods.registry import METHODS
+from thanora.training.checkpoints import CHECKPOINTS
+from thanora.training.train import make_loader_factory, train
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 

@@ -11,11 +11,12 @@ from peft import PeftModel
 from torch import nn
 
 from conftest import logits, perturb_, random_batch, tiny_gpt2, tiny_llama
-from thanora.merge import merge_, unmerge_
-from thanora.methods import MethodContext, get_method
+from thanora.adapters.merge import merge_, unmerge_
+from thanora.core.targets import find_targets, weight_matrix
+from thanora.methods.base import MethodContext
 from thanora.methods.dora import DORA, DoraSettings
 from thanora.methods.lora import LoraSettings
-from thanora.targets import find_targets, weight_matrix
+from thanora.methods.registry import get_method
 
 MODELS = pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 

@@ -1,4 +1,5 @@
-"""Tests for thanora.evaluate (fast: tiny Llama / LLaVA and an offline WordLevel tokenizer; slow: real SmolLM2)."""
+"""Tests for thanora.evaluation.evaluate (fast: tiny Llama / LLaVA and an offline WordLevel tokenizer; slow: real
+SmolLM2)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, VOCAB, tiny_llama, tiny_llava
-from thanora.evaluate import (
+from thanora.data.formats import IGNORE_INDEX, encode_example, format_prompt, option_targets
+from thanora.data.sources import Example
+from thanora.evaluation.evaluate import (
     EvalConfig,
     EvalTask,
     average,
@@ -22,8 +25,6 @@ from thanora.evaluate import (
     generate_answers,
     score_options,
 )
-from thanora.formats import IGNORE_INDEX, encode_example, format_prompt, option_targets
-from thanora.sources import Example
 
 _TEXT = (
     "Question: Answer: what is the sky grass sea colour ? red blue green dark light very A. B. C. D. A B C D "
@@ -309,7 +310,7 @@ def test_smollm2_real_tokenizer_and_easy_questions() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from thanora.assets import AssetMissingError, smollm2_dir
-    from thanora.sources import load_source
+    from thanora.data.sources import load_source
 
     try:
         folder = smollm2_dir()

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import thanora
 from conftest import llava_batch, logits, perturb_, random_batch, tiny_gpt2, tiny_llama, tiny_llava
-from thanora.allocation import COOP, RankPlan
-from thanora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
+from thanora.adapters.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
+from thanora.core.allocation import COOP, RankPlan
 
 R = 8
 ALPHA = 16.0  # scaling 2: a wrong alpha/r in the adapter would show
@@ -147,7 +147,7 @@ def test_failed_export_keeps_previous_adapter(tmp_path: Path, monkeypatch: pytes
     def broken_sidecar(_model):
         raise RuntimeError("sidecar failed")
 
-    monkeypatch.setattr("thanora.export.sidecar", broken_sidecar)
+    monkeypatch.setattr("thanora.adapters.export.sidecar", broken_sidecar)
     perturb_(model, seed=2)
     with pytest.raises(RuntimeError, match="sidecar failed"):
         thanora.export_adapter(model, out)

@@ -1,4 +1,4 @@
-"""Tests for thanora.formats (fast: a tiny offline WordLevel tokenizer; slow: the real SmolLM2)."""
+"""Tests for thanora.data.formats (fast: a tiny offline WordLevel tokenizer; slow: the real SmolLM2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from thanora.assets import SMOLLM2_VOCAB_SIZE, AssetMissingError, smollm2_dir
-from thanora.formats import (
+from thanora.data.formats import (
     IGNORE_INDEX,
     collate,
     encode_example,
@@ -19,7 +19,7 @@ from thanora.formats import (
     option_targets,
     uses_chat_template,
 )
-from thanora.sources import Example
+from thanora.data.sources import Example
 
 _TEXT = (
     "Question: Answer: what is the sky colour ? red blue green A. B. C. A B C one two three four five six "

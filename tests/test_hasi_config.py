@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from thanora.hasi_config import ThanoraConfig
+from thanora.core.hasi_config import ThanoraConfig
 
 INVALID = [
     ("rank", {"rank": 1}),

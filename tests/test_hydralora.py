@@ -15,13 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import logits, random_batch, tiny_gpt2, tiny_llama
 from test_train import collate_features, config, learnable_llama, synthetic_features
-from thanora.config import config_from_dict
-from thanora.methods import METHODS, MethodContext, get_method
+from thanora.adapters.multihead import MultiHeadLinear, adapters
+from thanora.adapters.native import NativeFormatError, read_native_meta
+from thanora.experiment.config import config_from_dict
+from thanora.methods.base import MethodContext
 from thanora.methods.hydralora import HYDRALORA, HydraLoraSettings, switch_balance_loss
 from thanora.methods.lora import LORA, LoraSettings
-from thanora.multihead import MultiHeadLinear, adapters
-from thanora.native import NativeFormatError, read_native_meta
-from thanora.train import make_loader_factory, train
+from thanora.methods.registry import METHODS, get_method
+from thanora.training.train import make_loader_factory, train
 
 
 def randomise_(model: nn.Module, seed: int) -> None:
@@ -216,7 +217,7 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(tmp_path: Path) -
 
 @pytest.mark.parametrize("name", ["hydralora", "mtlora"])
 def test_exporting_a_routed_method_as_peft_is_a_clear_error(name: str, tmp_path: Path) -> None:
-    from thanora.stages import export_trained
+    from thanora.experiment.stages import export_trained
 
     assert METHODS[name].export is None and not METHODS[name].mergeable
     cfg = config_from_dict({"model": {"name_or_path": "some/model"}, "tasks": [{"name": "a", "source": "csqa"}],

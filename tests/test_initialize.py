@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from thanora.allocation import COOP, allocate_ranks
-from thanora.hasi_config import ThanoraConfig
-from thanora.initialize import hasi_factors
-from thanora.spectra import Spectrum, task_aware_svd
-from thanora.targets import Target
+from thanora.core.allocation import COOP, allocate_ranks
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.initialize import hasi_factors
+from thanora.core.spectra import Spectrum, task_aware_svd
+from thanora.core.targets import Target
 
 F64 = torch.float64
 R = 8

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import thanora
 from conftest import logits, perturb_, random_batch, tiny_gpt2, tiny_llama
-from thanora.layers import lora_factors, lora_layer
-from thanora.targets import weight_matrix
+from thanora.adapters.record import lora_factors, lora_layer
+from thanora.core.targets import weight_matrix
 
 R = 8
 BUILDERS = [tiny_llama, tiny_gpt2]

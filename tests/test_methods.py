@@ -13,8 +13,9 @@ from torch import nn
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
 from thanora import ThanoraConfig, find_targets, spr_loss
-from thanora.methods import METHODS, Method, MethodContext, get_method
+from thanora.methods.base import Method, MethodContext
 from thanora.methods.lora import LORA, LoraSettings
+from thanora.methods.registry import METHODS, get_method
 from thanora.methods.thanora import THANORA
 
 
@@ -145,8 +146,8 @@ def test_thanora_export_loads_with_stock_peft(tmp_path: Path) -> None:
 
 def test_thanora_describe_reports_plan_and_overlap() -> None:
     from conftest import random_batch, tiny_llama
-    from thanora.hasi_config import ThanoraConfig
-    from thanora.methods import MethodContext
+    from thanora.core.hasi_config import ThanoraConfig
+    from thanora.methods.base import MethodContext
 
     ctx = MethodContext(calibration={"a": [random_batch(1)], "b": [random_batch(2)]}, progress=False)
     model = THANORA.prepare(tiny_llama(), ThanoraConfig(rank=8), ctx)

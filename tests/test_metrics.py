@@ -1,11 +1,11 @@
-"""Tests for thanora.metrics (pure functions; hand-checked values and seeded statistics)."""
+"""Tests for thanora.evaluation.metrics (pure functions; hand-checked values and seeded statistics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from thanora.metrics import (
+from thanora.evaluation.metrics import (
     accuracy,
     anls,
     exact_match,

@@ -15,7 +15,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import logits, random_batch, tiny_gpt2, tiny_llama
 from test_train import collate_features, config, learnable_llama, synthetic_features
-from thanora.methods import MethodContext
+from thanora.adapters.multihead import AdapterContext, HeadConfig, MultiHeadDelta, adapters
+from thanora.adapters.native import NativeFormatError
+from thanora.methods.base import MethodContext
 from thanora.methods.hydralora import HYDRALORA
 from thanora.methods.mtlora import (
     MTLORA,
@@ -25,9 +27,7 @@ from thanora.methods.mtlora import (
     identity_deviation_penalty,
     spectral_projectors,
 )
-from thanora.multihead import AdapterContext, HeadConfig, MultiHeadDelta, adapters
-from thanora.native import NativeFormatError
-from thanora.train import make_loader_factory, train
+from thanora.training.train import make_loader_factory, train
 
 MAKERS = [tiny_llama, tiny_gpt2]
 IDS = ["llama", "gpt2"]
@@ -345,7 +345,7 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(tmp_path: Path) -
 
 def test_find_blocks_sees_only_the_language_model() -> None:
     from conftest import tiny_llava
-    from thanora.targets import find_blocks
+    from thanora.core.targets import find_blocks
 
     blocks = find_blocks(tiny_llava())
     assert len(blocks) == 4 and all("vision" not in n for n in blocks)  # 2 decoder layers x (attention, mlp)

@@ -1,4 +1,5 @@
-"""Tests for thanora.plots: structure of each figure on small synthetic results, and PNG saving (no pixels)."""
+"""Tests for thanora.experiment.plots: structure of each figure on small synthetic results, and PNG saving (no
+pixels)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Any
 import pytest
 from matplotlib.figure import Figure
 
-from thanora.allocation import allocate_ranks
 from thanora.artifacts import write_json
-from thanora.plots import (
+from thanora.core.allocation import allocate_ranks
+from thanora.experiment.plots import (
     accuracy_figure,
     entropy_figure,
     overlap_figure,

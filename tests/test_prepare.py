@@ -11,12 +11,12 @@ from torch import nn
 
 import thanora
 from conftest import llava_batch, random_batch, tiny_gpt2, tiny_llama, tiny_llava
-from thanora.allocation import COOP, RankBudgetError
-from thanora.covariance import collect_covariances
-from thanora.layers import lora_factors, lora_layer
-from thanora.prepare import task_spectra
-from thanora.spectra import load_spectra
-from thanora.targets import find_targets, weight_matrix
+from thanora.adapters.record import lora_factors, lora_layer
+from thanora.core.allocation import COOP, RankBudgetError
+from thanora.core.covariance import collect_covariances
+from thanora.core.spectra import load_spectra
+from thanora.core.targets import find_targets, weight_matrix
+from thanora.methods.thanora import task_spectra
 
 F64 = torch.float64
 R = 8

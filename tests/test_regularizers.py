@@ -7,9 +7,9 @@ import torch
 
 import thanora
 from conftest import random_batch, tiny_llama
-from thanora.allocation import COOP
-from thanora.layers import lora_factors
-from thanora.regularizers import spr_penalty, task_pair_mask
+from thanora.adapters.record import lora_factors
+from thanora.core.allocation import COOP
+from thanora.core.regularizers import spr_penalty, task_pair_mask
 
 F64 = torch.float64
 TASKS = ("a", "b", "c")
@@ -120,8 +120,7 @@ def test_spr_loss_is_the_sum_over_modules() -> None:
 def test_batched_spr_loss_equals_the_weighted_per_module_loop_with_gradients() -> None:
     """spr_loss batches the element-wise work over modules; value and gradients equal Σ weight · spr_penalty per
     module (spr_normalization init: per-module weights), also after the model moves to float64."""
-    from thanora.layers import spr_mask
-    from thanora.regularizers import spr_penalty
+    from thanora.core.regularizers import spr_penalty
 
     calib = {f"t{i}": [random_batch(i)] for i in range(3)}
     model = thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=8, spr_normalization="init"),
@@ -130,7 +129,7 @@ def test_batched_spr_loss_equals_the_weighted_per_module_loop_with_gradients() -
     params = [p for p in model.parameters() if p.requires_grad]
     batched = thanora.spr_loss(model)
     batched_grads = torch.autograd.grad(batched, params)
-    loop = sum(adapter.spr_weights[name] * spr_penalty(*lora_factors(model, name), spr_mask(model, name))
+    loop = sum(adapter.spr_weights[name] * spr_penalty(*lora_factors(model, name), adapter.spr_mask(name))
                for name in adapter.targets)
     loop_grads = torch.autograd.grad(loop, params)
     assert batched.dtype == torch.float64 and float(loop) > 0
@@ -144,7 +143,7 @@ def test_spr_loss_single_task_is_zero() -> None:
 
 
 def test_block_overlap_is_one_on_the_diagonal_and_zero_for_orthogonal_blocks() -> None:
-    from thanora.regularizers import block_overlap
+    from thanora.core.regularizers import block_overlap
 
     torch.manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))

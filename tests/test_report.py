@@ -1,13 +1,14 @@
-"""Tests for thanora.report: metrics tables, the within-noise note and report.md from a synthetic run directory."""
+"""Tests for thanora.experiment.report: metrics tables, the within-noise note and report.md from a synthetic run
+directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from thanora.allocation import allocate_ranks
 from thanora.artifacts import write_json
-from thanora.report import (
+from thanora.core.allocation import allocate_ranks
+from thanora.experiment.report import (
     collect_metrics,
     console_table,
     flat_tasks,

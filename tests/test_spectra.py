@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
-from thanora.covariance import CovarianceStats, collect_covariances
-from thanora.hasi_config import ThanoraConfig
-from thanora.spectra import (
+from thanora.core.covariance import CovarianceStats, collect_covariances
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.spectra import (
     SingularCovarianceError,
     Spectrum,
     decompose_task,
@@ -19,7 +19,7 @@ from thanora.spectra import (
     save_spectra,
     task_aware_svd,
 )
-from thanora.targets import find_targets, weight_matrix
+from thanora.core.targets import find_targets, weight_matrix
 
 F64 = torch.float64
 CFG = ThanoraConfig()

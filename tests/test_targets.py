@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from thanora.targets import find_targets, language_model, set_weight_matrix_, weight_matrix
+from thanora.core.targets import find_targets, language_model, set_weight_matrix_, weight_matrix
 
 LLAMA_SHAPES = {  # (d_out, d_in): hidden 32, 4 heads of 8, 2 KV heads, intermediate 64
     "self_attn.q_proj": (32, 32),

@@ -17,19 +17,20 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from conftest import llava_batch, tiny_llama, tiny_llava
 from thanora import ThanoraConfig
-from thanora.checkpoints import CHECKPOINTS, LATEST, CheckpointError
-from thanora.formats import IGNORE_INDEX, collate
-from thanora.methods import METHODS, Method, MethodContext
+from thanora.adapters.multihead import adapters
+from thanora.data.formats import IGNORE_INDEX, collate
 from thanora.methods.align_lora import AlignLoraSettings, capture_of
+from thanora.methods.base import Method, MethodContext
 from thanora.methods.corda import CordaSettings
 from thanora.methods.dare import DareSettings
 from thanora.methods.dora import DoraSettings
 from thanora.methods.hydralora import HydraLoraSettings
 from thanora.methods.lora import LoraSettings
 from thanora.methods.mtlora import MtLoraSettings
+from thanora.methods.registry import METHODS
 from thanora.methods.rlora_plus import RLoraPlusSettings
-from thanora.multihead import adapters
-from thanora.train import (
+from thanora.training.checkpoints import CHECKPOINTS, LATEST, CheckpointError
+from thanora.training.train import (
     HISTORY,
     NonFiniteLossError,
     TrainConfig,
@@ -334,7 +335,7 @@ def test_accelerator_must_match_the_config(features: list[dict[str, Any]]) -> No
 @pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED, "DistributedType.FSDP", "FSDP",
                                   "MEGATRON_LM"])
 def test_sharded_training_is_refused(kind: DistributedType | str) -> None:
-    from thanora.train import check_sharding
+    from thanora.training.train import check_sharding
 
     with pytest.raises(ValueError, match=r"sharded training .* not supported.*DDP"):
         check_sharding(kind)
@@ -342,7 +343,7 @@ def test_sharded_training_is_refused(kind: DistributedType | str) -> None:
 
 @pytest.mark.parametrize("kind", [DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO])
 def test_ddp_and_one_device_are_allowed(kind: DistributedType) -> None:
-    from thanora.train import check_sharding
+    from thanora.training.train import check_sharding
 
     check_sharding(kind)
 

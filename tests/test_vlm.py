@@ -21,13 +21,20 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaProces
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, tiny_llava
-from thanora import pipeline
 from thanora.cli import main
-from thanora.covariance import CovarianceFitter
-from thanora.data import DataConfig, TaskConfig, TaskData, calibration_batches, encode_examples
-from thanora.evaluate import ImagePromptTokenizer as EvalImagePromptTokenizer
-from thanora.formats import IGNORE_INDEX, collate, encode_example, encode_image_example, format_prompt, format_target
-from thanora.sources import Example
+from thanora.core.covariance import CovarianceFitter
+from thanora.data.formats import (
+    IGNORE_INDEX,
+    collate,
+    encode_example,
+    encode_image_example,
+    format_prompt,
+    format_target,
+)
+from thanora.data.sources import Example
+from thanora.data.tasks import DataConfig, TaskConfig, TaskData, calibration_batches, encode_examples
+from thanora.evaluation.evaluate import ImagePromptTokenizer as EvalImagePromptTokenizer
+from thanora.experiment import pipeline
 
 LLAVA_VOCAB = 160
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]  # ids 0, 1, 2 match the tiny LLaVA's pad / bos / eos ids
@@ -300,7 +307,7 @@ def test_vlm_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.slow
 def test_vlm_run_on_real_easy_vqa_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from thanora.assets import AssetMissingError
-    from thanora.sources import load_source
+    from thanora.data.sources import load_source
 
     try:
         examples = load_source("easy_vqa", "test")

@@ -8,15 +8,16 @@ The public API::
     thanora.merge_(model)                                           # zero-overhead inference
 """
 
-from thanora.allocation import RankBudgetError, RankPlan, allocate_ranks, normalized_entropy
-from thanora.covariance import CovarianceFitter, CovarianceStats, collect_covariances
-from thanora.export import export_adapter
-from thanora.hasi_config import ThanoraConfig
-from thanora.layers import ResidualBaseError, ThanoraAdapter, adapter_of
-from thanora.merge import is_merged, merge_, save_merged, unmerge_
-from thanora.prepare import plan_ranks, prepare_model, spr_loss
-from thanora.spectra import SingularCovarianceError, Spectrum, task_aware_svd
-from thanora.targets import Target, find_targets
+from thanora.adapters.export import export_adapter
+from thanora.adapters.guard import ResidualBaseError
+from thanora.adapters.merge import is_merged, merge_, save_merged, unmerge_
+from thanora.adapters.record import ThanoraAdapter, adapter_of
+from thanora.core.allocation import RankBudgetError, RankPlan, allocate_ranks, normalized_entropy
+from thanora.core.covariance import CovarianceFitter, CovarianceStats, collect_covariances
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.spectra import SingularCovarianceError, Spectrum, task_aware_svd
+from thanora.core.targets import Target, find_targets
+from thanora.methods.thanora import plan_ranks, prepare_model, spr_loss
 
 __version__ = "0.1.0"
 

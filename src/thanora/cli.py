@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(err: Exception) -> bool:
     from thanora.assets import AssetMissingError
-    from thanora.pipeline import RunDirError
-    from thanora.train import NonFiniteLossError
+    from thanora.experiment.pipeline import RunDirError
+    from thanora.training.train import NonFiniteLossError
 
     # OSError: transformers' loaders report unknown Hub ids / unreachable Hub this way.
     return isinstance(err, ValueError | OSError | AssetMissingError | RunDirError | NonFiniteLossError)
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.config import load_config
-    from thanora.pipeline import run
+    from thanora.experiment.config import load_config
+    from thanora.experiment.pipeline import run
 
     cfg = load_config(args.config, overrides)
     run(cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
@@ -124,8 +124,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.config import load_config
-    from thanora.pipeline import run
+    from thanora.experiment.config import load_config
+    from thanora.experiment.pipeline import run
 
     overrides = [*overrides, "output.evaluate_base=false", "output.evaluate=false"]
     run(load_config(args.config, overrides), args.output_dir, overwrite=args.overwrite, resume=args.resume,
@@ -135,15 +135,15 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.stages import export_trained
+    from thanora.experiment.stages import export_trained
 
     print(export_trained(args.run_dir, args.method, merged=args.merged))
     return 0
 
 
 def _collect(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.config import load_config
-    from thanora.stages import collect
+    from thanora.experiment.config import load_config
+    from thanora.experiment.stages import collect
 
     paths = collect(load_config(args.config, overrides), args.output_dir)
     print("\n".join(str(p) for p in paths))
@@ -151,8 +151,8 @@ def _collect(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.config import load_config
-    from thanora.stages import plan
+    from thanora.experiment.config import load_config
+    from thanora.experiment.stages import plan
 
     print(plan(load_config(args.config, overrides), args.output_dir).summary())
     return 0
@@ -160,9 +160,9 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.artifacts import write_json
-    from thanora.config import load_config
-    from thanora.report import console_table
-    from thanora.stages import evaluate_adapter
+    from thanora.experiment.config import load_config
+    from thanora.experiment.report import console_table
+    from thanora.experiment.stages import evaluate_adapter
 
     metrics = evaluate_adapter(load_config(args.config, overrides), args.adapter)
     label = "adapter" if args.adapter else "base"
@@ -173,16 +173,16 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _merge(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.config import load_config
-    from thanora.stages import merge_adapter
+    from thanora.experiment.config import load_config
+    from thanora.experiment.stages import merge_adapter
 
     print(merge_adapter(load_config(args.config, overrides), args.adapter, args.output_dir))
     return 0
 
 
 def _plot(args: argparse.Namespace, overrides: list[str]) -> int:
-    from thanora.plots import plot_run
-    from thanora.report import write_report
+    from thanora.experiment.plots import plot_run
+    from thanora.experiment.report import write_report
 
     plot_run(args.run_dir)
     write_report(args.run_dir)
@@ -200,7 +200,7 @@ def _assets(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.assets import AssetMissingError
-    from thanora.methods import methods_table
+    from thanora.methods.registry import methods_table
 
     model = None
     if args.model != "none":
@@ -229,7 +229,7 @@ def meta_model(name: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from thanora.pipeline import resolve_model_path
+    from thanora.experiment.pipeline import resolve_model_path
 
     path = resolve_model_path(name)
     config = AutoConfig.from_pretrained(str(path))

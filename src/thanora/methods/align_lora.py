@@ -49,14 +49,14 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from thanora.methods import Method, MethodContext, consume_task_ids
+from thanora.adapters.record import attach_record, find_record
+from thanora.methods.base import Method, MethodContext, consume_task_ids
 from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, prepare_lora, save_lora
 
 # The reference code's bandwidths σ (the paper names none).
 REFERENCE_BANDWIDTHS: tuple[float, ...] = (
     1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 100.0, 1e3, 1e4, 1e5, 1e6,
 )
-CAPTURE_ATTR = "align_lora_capture"  # the `AlignCapture` of a prepared model
 
 Kernel = Literal["paper", "code"]
 Pooling = Literal["mean", "tokens"]
@@ -269,7 +269,7 @@ def alignment_loss(a: Tensor, mask: Tensor, task_id: Tensor, bandwidths: Sequenc
 
 
 class AlignCapture:
-    """The per-layer A·x of the model's current training forward (a prepared model's ``align_lora_capture``).
+    """The per-layer A·x of the model's current training forward (the record of a prepared model, `capture_of`).
 
     Attributes:
         settings: the settings the model was prepared with (`describe` records them).
@@ -315,7 +315,7 @@ def prepare_align_lora(model: nn.Module, settings: AlignLoraSettings, ctx: Metho
         ctx: only ``ctx.seed`` is used.
 
     Returns:
-        The `PeftModel` with an `AlignCapture` as ``align_lora_capture``.
+        The `PeftModel` with its `AlignCapture` attached (`capture_of`).
     """
     peft_model = prepare_lora(model, settings.lora, ctx)
     capture = AlignCapture(settings)
@@ -324,7 +324,7 @@ def prepare_align_lora(model: nn.Module, settings: AlignLoraSettings, ctx: Metho
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             module.lora_A[adapter].register_forward_hook(_KeepOutput(capture, name))
     consume_task_ids(peft_model, capture.start_forward)
-    setattr(peft_model, CAPTURE_ATTR, capture)
+    attach_record(peft_model, capture)
     return peft_model
 
 
@@ -334,16 +334,13 @@ def capture_of(model: nn.Module) -> AlignCapture:
     Raises:
         TypeError: the model was not prepared by Align-LoRA.
     """
-    capture = getattr(getattr(model, "module", model), CAPTURE_ATTR, None)
-    if not isinstance(capture, AlignCapture):
-        raise TypeError(f"{type(model).__name__} was not prepared by ALIGN_LORA.prepare (no {CAPTURE_ATTR})")
-    return capture
+    return find_record(model, AlignCapture, "ALIGN_LORA.prepare")
 
 
 def align_regularizer(model: nn.Module, settings: AlignLoraSettings, batch: Mapping[str, Any]) -> Tensor:
     """λ · MK-MMD² between the tasks of the micro-batch on A·x, averaged over task pairs and adapted layers.
 
-    Call it right after the training forward of ``batch`` (as `thanora.train.train` does); it consumes the
+    Call it right after the training forward of ``batch`` (as `thanora.training.train.train` does); it consumes the
     activations that forward captured. With fewer than 2 tasks in the batch, or λ = 0, it is 0 (no gradient).
 
     Args:

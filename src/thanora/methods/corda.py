@@ -1,11 +1,13 @@
 """CorDA (Yang et al., 2024), instruction-previewed mode (IPM), as the single-task baseline of ThanoRA's machinery.
 
 CorDA is "one pooled task, no allocation, no SPR" (PEERS.md): the calibration batches of *all* tasks are pooled into
-one second moment C = Σ x xᵀ / n_tokens over every non-padding token of the mixture (`thanora.covariance`, SPEC.md §1:
+one second moment C = Σ x xᵀ / n_tokens over every non-padding token of the mixture (`thanora.core.covariance`, SPEC.md
+§1:
 token-weighted, so a task with more calibration tokens weighs more), each weight gets the damped task-aware SVD
-U S V̂ᵀ = SVD(W C_d) C_d⁻¹ (SPEC.md §2, `thanora.spectra`), and the top-r triplets become the adapter:
-B = U_r·√(S_r/s), A = √(S_r/s)·V̂_rᵀ, W_res = W − s·B·A (SPEC.md §4, `thanora.initialize.hasi_factors` with the whole
-rank in one block and γ = 1, `thanora.layers.inject_`). So s·B·A = U_r S_r V̂_rᵀ whatever lora_alpha is and
+U S V̂ᵀ = SVD(W C_d) C_d⁻¹ (SPEC.md §2, `thanora.core.spectra`), and the top-r triplets become the adapter:
+B = U_r·√(S_r/s), A = √(S_r/s)·V̂_rᵀ, W_res = W − s·B·A (SPEC.md §4, `thanora.core.initialize.hasi_factors` with the
+whole
+rank in one block and γ = 1, `thanora.adapters.layers.inject_`). So s·B·A = U_r S_r V̂_rᵀ whatever lora_alpha is and
 W_res + s·B·A = W exactly at init: the paper's IPM and PEFT's ``corda_init`` (which also divides S by the scaling).
 γ = 1 is deliberate: the ×γ of ThanoRA's HASI is not part of CorDA. Export converts the residual base to a stock PEFT
 adapter on the original base (A' = [A; A₀], B' = [B, −B₀], rank 2r; `thanora.export_adapter`).
@@ -33,15 +35,14 @@ from typing import Any
 from peft import PeftModel
 from torch import nn
 
-from thanora.allocation import ModulePlan, RankPlan, normalized_entropy
-from thanora.hasi_config import StatsDtype, SvdMode, ThanoraConfig
-from thanora.initialize import hasi_factors
-from thanora.layers import inject_
-from thanora.methods import Method, MethodContext
-from thanora.methods.lora import check_rank, load_peft_adapter, lora_param_count, seeded_rng
-from thanora.methods.thanora import export_thanora
-from thanora.prepare import task_spectra
-from thanora.targets import find_targets
+from thanora.adapters.layers import inject_
+from thanora.core.allocation import ModulePlan, RankPlan, normalized_entropy
+from thanora.core.hasi_config import StatsDtype, SvdMode, ThanoraConfig
+from thanora.core.initialize import hasi_factors
+from thanora.core.targets import check_rank, find_targets
+from thanora.methods.base import Method, MethodContext
+from thanora.methods.lora import load_peft_adapter, lora_param_count, seeded_rng
+from thanora.methods.thanora import export_thanora, task_spectra
 
 
 @dataclass(frozen=True)

@@ -45,20 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
 
+from thanora.adapters.peft_config import lora_config
+from thanora.adapters.record import attach_record, find_record, unwrap
 from thanora.artifacts import atomic_dir
-from thanora.methods import Method, MethodContext, consume_task_ids
-from thanora.methods.lora import (
-    LoraSettings,
-    check_rank,
-    load_peft_adapter,
-    lora_config,
-    lora_param_count,
-    seeded_rng,
-)
-from thanora.targets import Target, find_targets
+from thanora.core.targets import Target, check_rank, find_targets
+from thanora.methods.base import Method, MethodContext, consume_task_ids
+from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, seeded_rng
 
 SIDECAR = "dare_merge.json"
 MERGED = "default"  # PEFT writes the adapter called "default" at the top of the folder
@@ -265,7 +260,9 @@ def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -
     targets = find_targets(model, settings.target_modules)
     check_rank(targets, max(ranks), "DareSettings")
     scaling = settings.alpha / settings.rank
-    configs = [lora_config(model, targets, r, scaling * r, settings.lora_dropout) for r in ranks]
+    fan_in_fan_out = any(t.fan_in_fan_out for t in targets.values())
+    configs = [lora_config(model, targets, r, scaling * r, settings.lora_dropout, fan_in_fan_out=fan_in_fan_out)
+               for r in ranks]
     was_training = model.training
     with seeded_rng(model, ctx.seed):
         peft_model = get_peft_model(model, configs[0], adapter_name=adapter_name(tasks[0]))
@@ -280,18 +277,14 @@ def prepare_dare(model: nn.Module, settings: DareSettings, ctx: MethodContext) -
             layer.lora_B[adapter_name(task)].register_forward_hook(router.weigh(index))
     consume_task_ids(peft_model, router.set)
     peft_model.register_forward_hook(router.clear)
-    peft_model.thanora_dare = DareRecord(tuple(tasks), tuple(ranks), tuple(weights), dict(targets))
+    attach_record(peft_model, DareRecord(tuple(tasks), tuple(ranks), tuple(weights), dict(targets)))
     peft_model.train(was_training)
     return peft_model
 
 
 def record_of(model: nn.Module) -> DareRecord:
     """The `DareRecord` of a model from `prepare_dare` or `finalize_dare` (also through DDP wrappers)."""
-    inner = getattr(model, "module", model)
-    record = getattr(inner, "thanora_dare", None)
-    if not isinstance(record, DareRecord):
-        raise TypeError(f"{type(inner).__name__} was not prepared by DARE (no DareRecord)")
-    return record
+    return find_record(model, DareRecord, "DARE")
 
 
 def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
@@ -306,7 +299,7 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
         A new `PeftModel` on the original base with one adapter (``"default"``), frozen, in eval mode: exactly what
         `export_dare` writes.
     """
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     record = record_of(inner)
     if record.merge:
         raise ValueError("this DARE model is already merged (finalize was applied)")
@@ -331,13 +324,10 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
     ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
     rank_pattern = {name: r for name, r in ranks.items() if r != target_rank}
     first = inner.peft_config[adapter_name(record.tasks[0])]
-    config = LoraConfig(
-        r=target_rank, lora_alpha=target_rank, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
-        lora_dropout=settings.lora_dropout, target_modules=list(record.targets),
-        fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()), bias="none",
-        task_type=getattr(first, "task_type", None),
-        base_model_name_or_path=getattr(first, "base_model_name_or_path", None),
-    )
+    config = lora_config(inner, record.targets, target_rank, target_rank, settings.lora_dropout,
+                         fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()),
+                         rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+                         base_model_name_or_path=getattr(first, "base_model_name_or_path", None))
     original = inner.unload()  # LoRA layers removed, base weights untouched (DARE has no residual base)
     with seeded_rng(original, settings.drop_seed):  # PEFT's own init is overwritten below; keep the global RNG
         merged_model = get_peft_model(original, config)
@@ -356,13 +346,13 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
         "mean_relative_frobenius_error": sum(errors.values()) / len(errors),
         "max_relative_frobenius_error": max(errors.values()),
     }
-    merged_model.thanora_dare = DareRecord(record.tasks, record.ranks, tuple(weights), record.targets, merge)
+    attach_record(merged_model, DareRecord(record.tasks, record.ranks, tuple(weights), record.targets, merge))
     return merged_model
 
 
 def export_dare(model: nn.Module, out_dir: Path) -> None:
     """Write the merged adapter (stock PEFT, original base) and ``dare_merge.json``; only after `finalize_dare`."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     record = record_of(inner)
     if not record.merge:
         raise ValueError("DARE exports the merged adapter: apply DARE.finalize (finalize_dare) to the trained model "

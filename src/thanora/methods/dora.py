@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from peft import PeftModel
 from torch import nn
 
-from thanora.methods import Method, MethodContext
+from thanora.core.targets import find_targets
+from thanora.methods.base import Method, MethodContext
 from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, prepare_lora, save_lora
-from thanora.targets import find_targets
 
 
 @dataclass(frozen=True)

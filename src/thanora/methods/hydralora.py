@@ -2,7 +2,7 @@
 
 Every adapted linear layer computes W x + Σ_i w_i(x) · s · B_i A x with w(x) = softmax(W_r x) (bias-free router on
 the layer input, softmax in float32, dense: every head, no top-k), A Kaiming-uniform (PEFT's), B_i zero, router
-nn.Linear's default initialisation (all as the reference code). The shared layer is `thanora.multihead`.
+nn.Linear's default initialisation (all as the reference code). The shared layer is `thanora.adapters.multihead`.
 
 Presets (paper Table 1, the ThanoRA paper's two settings): ``3B1A`` = 3 heads, ``4B1A`` = 4 heads, both per-head
 rank 32; YAML ``{name: hydralora, preset: 4B1A}`` or ``{name: hydralora, n_heads: 4, rank: 32}``. Without either,
@@ -13,7 +13,7 @@ multimodal variant adds a Switch-Transformer loss N · Σ_i f_i · P_i (f_i: sha
 mean router probability of head i, over the micro-batch's non-padding tokens, averaged over adapted layers) with
 weight 0.05: ``balance_weight: 0.05``. A single head (N = 1) has no router and is plain LoRA.
 
-Not mergeable (the head weights depend on the input): no PEFT export; `save`/`load` use `thanora.native`, whose
+Not mergeable (the head weights depend on the input): no PEFT export; `save`/`load` use `thanora.adapters.native`, whose
 metadata records these settings.
 """
 
@@ -26,11 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from thanora.methods import Method, MethodContext
-from thanora.multihead import (
+from thanora.adapters.multihead import (
     AdapterContext,
     HeadConfig,
-    check_rank,
     inject_,
     routed_tokens,
     save_multihead,
@@ -38,8 +36,9 @@ from thanora.multihead import (
     target_names,
     zero_loss,
 )
-from thanora.native import load_native
-from thanora.targets import find_targets
+from thanora.adapters.native import load_native
+from thanora.core.targets import check_rank, find_targets
+from thanora.methods.base import Method, MethodContext
 
 PRESETS: dict[str, tuple[int, int]] = {"3B1A": (3, 32), "4B1A": (4, 32)}  # name → (n_heads, per-head rank)
 DEFAULT_PRESET = "3B1A"
@@ -145,8 +144,8 @@ def hydralora_param_count(model: nn.Module, settings: HydraLoraSettings) -> int:
 
 
 def load_hydralora(model: nn.Module, folder: Path) -> nn.Module:
-    """Rebuild HydraLoRA on the fresh base ``model`` from a folder written by `save` (`thanora.native`)."""
-    return load_native(model, folder, "hydralora")
+    """Rebuild HydraLoRA on the fresh base ``model`` from a folder written by `save` (`thanora.adapters.native`)."""
+    return load_native(model, folder, HYDRALORA)
 
 
 HYDRALORA = Method(

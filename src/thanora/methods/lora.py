@@ -2,26 +2,29 @@
 
 Same target modules as ThanoRA (every linear layer of the language model by default, resolved by
 `thanora.find_targets` to full dotted names) and the same rank budget (PEERS.md). The PEFT config factory
-(`lora_config`), the rank check and the seeded injection are shared with DoRA (``use_dora``) and DARE (one adapter per
+(`thanora.adapters.peft_config.lora_config`) and the seeded injection are shared with DoRA (``use_dora``) and DARE (one
+adapter per
 task).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
+from thanora.adapters.peft_config import lora_config
+from thanora.adapters.record import unwrap
 from thanora.artifacts import atomic_dir
-from thanora.methods import Method, MethodContext
-from thanora.targets import Target, find_targets
+from thanora.core.targets import check_rank, find_targets
+from thanora.methods.base import Method, MethodContext
 
 
 @dataclass(frozen=True)
@@ -70,29 +73,6 @@ class LoraSettings:
         return out
 
 
-def check_rank(targets: Mapping[str, Target], rank: int, owner: str) -> None:
-    """Raise a `ValueError` naming ``owner.rank`` if ``rank`` exceeds min(d_in, d_out) of a target."""
-    too_small = [n for n, t in targets.items() if rank > min(t.d_in, t.d_out)]
-    if too_small:
-        raise ValueError(f"{owner}.rank={rank} exceeds min(d_in, d_out) of module {too_small[0]!r}; "
-                         "lower rank or exclude it with target_modules")
-
-
-def lora_config(model: nn.Module, targets: Mapping[str, Target], rank: int, alpha: float, dropout: float, *,
-                use_dora: bool = False) -> LoraConfig:
-    """PEFT's `LoraConfig` for ``targets`` (full dotted names) of ``model``: rank, alpha, dropout, DoRA switch."""
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(targets),
-        fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
-        bias="none",
-        use_dora=use_dora,
-        task_type="CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
-    )
-
-
 @contextmanager
 def seeded_rng(model: nn.Module, seed: int) -> Iterator[None]:
     """Seed torch's RNG (CPU and the model's CUDA devices) with ``seed`` inside, restore the caller's state after."""
@@ -117,7 +97,8 @@ def prepare_lora(model: nn.Module, settings: LoraSettings, ctx: MethodContext, *
     """
     targets = find_targets(model, settings.target_modules)
     check_rank(targets, settings.rank, type(settings).__name__)
-    config = lora_config(model, targets, settings.rank, settings.alpha, settings.lora_dropout, use_dora=use_dora)
+    config = lora_config(model, targets, settings.rank, settings.alpha, settings.lora_dropout,
+                         fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()), use_dora=use_dora)
     was_training = model.training
     with seeded_rng(model, ctx.seed):
         peft_model = get_peft_model(model, config)
@@ -127,7 +108,7 @@ def prepare_lora(model: nn.Module, settings: LoraSettings, ctx: MethodContext, *
 
 def save_lora(model: nn.Module, out_dir: Path) -> None:
     """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), replacing ``out_dir``."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = unwrap(model)
     if not isinstance(inner, PeftModel):
         raise TypeError(f"expected a PeftModel from the method's prepare, got {type(inner).__name__}")
     with atomic_dir(out_dir) as tmp:

@@ -30,7 +30,7 @@ heads B_i, with three parts that each have a switch.
 
 Defaults are the reference's: r = 16, N = 16 heads, λ_spec = 1.0, balance 0.01; g = 32 (the paper's best granularity);
 blocks: attention and MLP. Not mergeable (routing depends on the input): no PEFT export, `save`/`load` use
-`thanora.native`, whose metadata records these settings (hence the paper/code choices).
+`thanora.adapters.native`, whose metadata records these settings (hence the paper/code choices).
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from thanora.methods import Method, MethodContext
-from thanora.multihead import (
+from thanora.adapters.multihead import (
     ROUTERS,
     AdapterContext,
     HeadConfig,
     Router,
     adapters,
-    check_rank,
     context_of,
     inject_,
     routed_tokens,
@@ -59,8 +57,9 @@ from thanora.multihead import (
     target_names,
     zero_loss,
 )
-from thanora.native import load_native
-from thanora.targets import BLOCK_CHILDREN, Block, Target, find_blocks, find_targets
+from thanora.adapters.native import load_native
+from thanora.core.targets import BLOCK_CHILDREN, Block, Target, check_rank, find_blocks, find_targets
+from thanora.methods.base import Method, MethodContext
 
 Spectral = Literal["paper", "code"]
 
@@ -278,8 +277,8 @@ def mtlora_param_count(model: nn.Module, settings: MtLoraSettings) -> int:
 
 
 def load_mtlora(model: nn.Module, folder: Path) -> nn.Module:
-    """Rebuild mtLoRA on the fresh base ``model`` from a folder written by `save` (`thanora.native`)."""
-    return load_native(model, folder, "mtlora")
+    """Rebuild mtLoRA on the fresh base ``model`` from a folder written by `save` (`thanora.adapters.native`)."""
+    return load_native(model, folder, MTLORA)
 
 
 MTLORA = Method(

@@ -22,24 +22,20 @@ project's LoRA dropout 0.05. Targets: every linear layer of the language model, 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import peft
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from thanora.artifacts import atomic_dir
-from thanora.methods import Method, MethodContext
+from thanora.adapters.export import write_lora_adapter
+from thanora.adapters.multihead import AdapterContext, HeadConfig, MultiHeadLinear, context_of, inject_, target_names
+from thanora.adapters.record import unwrap
+from thanora.core.targets import check_rank, find_targets
+from thanora.methods.base import Method, MethodContext
 from thanora.methods.lora import load_peft_adapter
-from thanora.multihead import AdapterContext, HeadConfig, MultiHeadLinear, check_rank, context_of, inject_, target_names
-from thanora.targets import find_targets
-
-SIDECAR = "thanora_adapter.json"
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ def prepare_rlora_plus(model: nn.Module, settings: RLoraPlusSettings, ctx: Metho
 def converted_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted module ``(lora_A' (2r, d_in), lora_B' (d_out, 2r))`` = ([A; A⁰], [B̄, −B̄⁰]): the trained update
     relative to the original weight, detached on CPU in the adapter's dtype."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     factors = {}
     for name, module in inner.named_modules():
         if isinstance(module, MultiHeadLinear):
@@ -121,24 +117,9 @@ def converted_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
 
 def export_rlora_plus(model: nn.Module, out_dir: Path) -> None:
     """Write a stock PEFT LoRA adapter (rank 2r, alpha 2r·s) that reproduces the model on the original base."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     settings = context_of(inner).settings
     factors = converted_factors(inner)
-    rank = 2 * settings.rank
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank * settings.scaling,
-        target_modules=list(factors),
-        lora_dropout=settings.lora_dropout,
-        fan_in_fan_out=any(isinstance(inner.get_submodule(n).base_layer, Conv1D) for n in factors),
-        bias="none",
-        task_type="CAUSAL_LM" if type(inner).__name__.endswith("ForCausalLM") else None,
-        base_model_name_or_path=getattr(getattr(inner, "config", None), "_name_or_path", None),
-    )
-    state = {}
-    for name, (A, B) in factors.items():
-        state[f"base_model.model.{name}.lora_A.weight"] = A
-        state[f"base_model.model.{name}.lora_B.weight"] = B
     sidecar = {
         "format": "thanora-adapter/1",
         "method": "rlora_plus",
@@ -147,10 +128,10 @@ def export_rlora_plus(model: nn.Module, out_dir: Path) -> None:
         "conversion": "residual base: A'=[A;A0], B'=[mean_i B_i, -mean_i B0_i], r'=2r, lora_alpha'=2r*s",
         "init": "A, B_i ~ N(0, 1/max(d_in, d_out)) (R-LoRA multi-head randomisation), per-head dropout on A x",
     }
-    with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config.save_pretrained(str(tmp))
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    write_lora_adapter(out_dir, factors, settings.scaling, model=inner, dropout=settings.lora_dropout,
+                       fan_in_fan_out=any(isinstance(inner.get_submodule(n).base_layer, Conv1D) for n in factors),
+                       base_model_name_or_path=getattr(getattr(inner, "config", None), "_name_or_path", None),
+                       sidecar=sidecar)
 
 
 def rlora_plus_param_count(model: nn.Module, settings: RLoraPlusSettings) -> int:

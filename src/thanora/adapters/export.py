@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from thanora.allocation import COOP
+from thanora.adapters.peft_config import lora_config
+from thanora.adapters.record import adapter_of, lora_factors
 from thanora.artifacts import atomic_dir
-from thanora.layers import adapter_of, lora_factors
+from thanora.core.allocation import COOP
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,22 +64,39 @@ def export_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     """
     adapter = adapter_of(model)
     cfg = adapter.config
-    factors = converted_factors(model)
+    return write_lora_adapter(out_dir, converted_factors(model), cfg.scaling, model=model, dropout=cfg.lora_dropout,
+                              fan_in_fan_out=any(t.fan_in_fan_out for t in adapter.targets.values()),
+                              base_model_name_or_path=adapter.base_model_name_or_path, sidecar=sidecar(model))
+
+
+def write_lora_adapter(out_dir: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                       *, model: nn.Module, dropout: float, fan_in_fan_out: bool,
+                       base_model_name_or_path: str | None, sidecar: Mapping[str, Any]) -> Path:
+    """Write ``factors`` as a stock PEFT LoRA adapter with scaling ``scaling`` for every module, plus a sidecar.
+
+    The most common rank is the config's ``r`` (``lora_alpha = scaling · r``); modules of another rank get
+    ``rank_pattern`` / ``alpha_pattern`` entries (full dotted names) that keep alpha'/r' = ``scaling``. Every
+    exporting method writes its adapter through here (ThanoRA and CorDA, R-LoRA+).
+
+    Args:
+        out_dir: destination folder (replaced atomically if it exists).
+        factors: ``{module: (lora_A (r, d_in), lora_B (d_out, r))}`` relative to the original base weights.
+        scaling: s of every module.
+        model: the model the adapter belongs to (task type).
+        dropout: recorded lora_dropout.
+        fan_in_fan_out: the targets store their weight (d_in, d_out).
+        base_model_name_or_path: recorded in ``adapter_config.json``.
+        sidecar: written as ``thanora_adapter.json`` (ignored by PEFT).
+
+    Returns:
+        ``out_dir``.
+    """
     ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = {name: r for name, r in ranks.items() if r != default_rank}
-    lora_config = LoraConfig(
-        r=default_rank,
-        lora_alpha=cfg.scaling * default_rank,
-        rank_pattern=rank_pattern,
-        alpha_pattern={name: cfg.scaling * r for name, r in rank_pattern.items()},
-        target_modules=list(factors),
-        lora_dropout=cfg.lora_dropout,
-        fan_in_fan_out=any(t.fan_in_fan_out for t in adapter.targets.values()),
-        bias="none",
-        task_type=getattr(getattr(model, "peft_config", {}).get("default"), "task_type", None),
-        base_model_name_or_path=adapter.base_model_name_or_path,
-    )
+    config = lora_config(model, factors, default_rank, scaling * default_rank, dropout, fan_in_fan_out=fan_in_fan_out,
+                         rank_pattern=rank_pattern, alpha_pattern={n: scaling * r for n, r in rank_pattern.items()},
+                         base_model_name_or_path=base_model_name_or_path)
     state = {}
     for name, (A, B) in factors.items():
         state[f"base_model.model.{name}.lora_A.weight"] = A
@@ -86,8 +104,8 @@ def export_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        lora_config.save_pretrained(str(tmp))
-        (tmp / SIDECAR).write_text(json.dumps(sidecar(model), indent=2) + "\n", encoding="utf-8")
+        config.save_pretrained(str(tmp))
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 

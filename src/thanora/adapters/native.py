@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from thanora.adapters.record import unwrap
 from thanora.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from thanora.methods.base import Method, MethodContext
 
 FORMAT = "thanora-native/1"
 META = "thanora_native.json"
@@ -29,7 +31,7 @@ class NativeFormatError(ValueError):
 
 def save_native(model: nn.Module, method_name: str, settings: Any, out_dir: str | Path) -> Path:
     """Write the trainable parameters of ``model`` and the method's settings to ``out_dir`` (replaced atomically)."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = unwrap(model)
     tensors = {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError(f"{type(inner).__name__} has no trainable parameter to save")
@@ -63,13 +65,14 @@ def read_native_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_native(base: nn.Module, folder: str | Path, method_name: str | None = None) -> nn.Module:
+def load_native(base: nn.Module, folder: str | Path, method: Method) -> nn.Module:
     """Rebuild the saved method on ``base`` (a fresh copy of the original base model) and load its tensors.
 
     Args:
         base: the original base model, modified in place by the method's ``prepare``.
         folder: written by `save_native`.
-        method_name: refuse a folder saved by another method (``None`` accepts any).
+        method: the method that saved it (a folder saved by another method is refused); a caller that does not
+            know it reads ``read_native_meta(folder)["method"]`` and looks it up in `thanora.methods.registry`.
 
     Returns:
         The model in eval mode, parameters frozen as after ``prepare``.
@@ -77,12 +80,9 @@ def load_native(base: nn.Module, folder: str | Path, method_name: str | None = N
     Raises:
         NativeFormatError: wrong method, or the tensors do not match what ``prepare`` builds on ``base``.
     """
-    from thanora.methods import MethodContext, get_method
-
     meta = read_native_meta(folder)
-    if method_name is not None and meta["method"] != method_name:
-        raise NativeFormatError(f"{folder} holds a {meta['method']!r} adapter, not {method_name!r}")
-    method = get_method(meta["method"])
+    if meta["method"] != method.name:
+        raise NativeFormatError(f"{folder} holds a {meta['method']!r} adapter, not {method.name!r}")
     settings = method.config_cls(**meta["settings"])
     model = method.prepare(base, settings, MethodContext(progress=False))
     tensors, _ = load_tensors(Path(folder) / TENSORS)

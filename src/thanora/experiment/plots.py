@@ -286,7 +286,7 @@ def accuracy_figure(metrics: Mapping[str, Any]) -> Figure:
     Returns:
         The figure (one axes).
     """
-    from thanora.report import metric_methods, metric_tasks, score_of  # report never imports plots
+    from thanora.experiment.report import metric_methods, metric_tasks, score_of  # report never imports plots
 
     methods, tasks = metric_methods(metrics), metric_tasks(metrics)
     groups = [*tasks, "average"] if any(score_of(metrics[m], "average") is not None for m in methods) else tasks
@@ -363,7 +363,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     Returns:
         The paths written.
     """
-    from thanora.report import collect_metrics, method_dirs
+    from thanora.experiment.report import collect_metrics, method_dirs
 
     run_dir = Path(run_dir)
     out = run_dir / "plots"

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from thanora.allocation import RankPlan
 from thanora.artifacts import read_json, write_text
+from thanora.core.allocation import RankPlan
 
 AVERAGE = "average"
 

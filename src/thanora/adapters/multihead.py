@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from thanora.native import save_native
-from thanora.targets import Block, Target, set_weight_matrix_, weight_matrix
+from thanora.adapters.native import save_native
+from thanora.adapters.record import unwrap
+from thanora.core.targets import Block, Target, set_weight_matrix_, weight_matrix
 
 Router = Literal["token", "sequence"]
 Init = Literal["lora", "random"]
@@ -311,7 +312,7 @@ def _forward_start(context: AdapterContext) -> Any:
 
 def adapters(model: nn.Module) -> dict[str, MultiHeadDelta]:
     """``{name of the adapted module: its MultiHeadDelta}`` of a prepared model (DDP-wrapped or not)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     return {name.removesuffix(".adapter"): m for name, m in inner.named_modules() if isinstance(m, MultiHeadDelta)}
 
 
@@ -323,7 +324,7 @@ def context_of(model: nn.Module) -> AdapterContext:
     """
     found = adapters(model)
     if not found:
-        raise TypeError(f"{type(getattr(model, 'module', model)).__name__} has no multi-head adapter; "
+        raise TypeError(f"{type(unwrap(model)).__name__} has no multi-head adapter; "
                         "prepare it with hydralora, rlora_plus or mtlora first")
     return next(iter(found.values())).context
 
@@ -356,21 +357,9 @@ def zero_loss(batch: Mapping[str, Any]) -> Tensor:
 
 
 def save_multihead(model: nn.Module, out_dir: Path) -> None:
-    """Write the model's adapters in thanora's native format (`thanora.native`), with the method's settings."""
+    """Write the model's adapters in thanora's native format (`thanora.adapters.native`), with the method's settings."""
     context = context_of(model)
     save_native(model, context.method, context.settings, out_dir)
-
-
-def check_rank(sites: Mapping[str, Target], rank: int, owner: str) -> None:
-    """Refuse a rank above min(d_in, d_out) of a target (its extra directions could never be used).
-
-    Raises:
-        ValueError: naming ``<owner>.rank`` and the first such module.
-    """
-    too_small = [n for n, t in sites.items() if rank > min(t.d_in, t.d_out)]
-    if too_small:
-        raise ValueError(f"{owner}.rank={rank} exceeds min(d_in, d_out) of module {too_small[0]!r}; lower rank or "
-                         "exclude it with target_modules")
 
 
 def target_names(value: Any, field: str) -> tuple[str, ...] | None:

@@ -16,10 +16,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from thanora.artifacts import write_text
-from thanora.data import DataConfig, TaskConfig
-from thanora.evaluate import EvalConfig
-from thanora.methods import get_method
-from thanora.train import TrainConfig
+from thanora.data.tasks import DataConfig, TaskConfig
+from thanora.evaluation.evaluate import EvalConfig
+from thanora.methods.registry import get_method
+from thanora.training.train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,7 @@ class OutputConfig:
 
     Attributes:
         adapter: write ``<method>/adapter``: a stock PEFT adapter (exportable methods) or the method's own reloadable
-            format (routed methods: HydraLoRA, mtLoRA; see `thanora.native`).
+            format (routed methods: HydraLoRA, mtLoRA; see `thanora.adapters.native`).
         merged: also save a merged transformers model folder per method.
         plots: render the PNG figures.
         evaluate_base: evaluate the base model zero-shot (shown in every report).

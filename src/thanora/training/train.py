@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from thanora.artifacts import write_json
-from thanora.checkpoints import (
+from thanora.methods.base import Method
+from thanora.training.checkpoints import (
     CHECKPOINTS,
     FORMAT,
     LATEST,
@@ -38,7 +39,6 @@ from thanora.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from thanora.methods import Method
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def make_loader_factory(dataset: Sequence[Any], batch_size: int, collate_fn: Cal
                         drop_last: bool = False) -> LoaderFactory:
     """A seeded ``epoch -> DataLoader`` whose order depends only on (seed, epoch, process), never on global RNG.
 
-    ``dataset`` is indexable (e.g. a list of features), ``collate_fn`` pads a list of them (`thanora.formats.collate`);
+    ``dataset`` is indexable (e.g. a list of features), ``collate_fn`` pads a list of them
+    (`thanora.data.formats.collate`);
     process ``process_index`` of ``num_processes`` gets every num_processes-th example of one shared permutation.
     """
 
@@ -359,7 +360,7 @@ def _check_accelerator(accelerator: Accelerator, cfg: TrainConfig) -> None:
     if str(accelerator.mixed_precision) != wanted or accelerator.gradient_accumulation_steps != 1:
         raise ValueError(f"the accelerator must have mixed_precision={wanted!r} (TrainConfig.mixed_precision) and "
                          "gradient_accumulation_steps=1 (train() accumulates TrainConfig.grad_accum itself); build "
-                         "it with thanora.train.make_accelerator(cfg)")
+                         "it with thanora.training.train.make_accelerator(cfg)")
 
 
 def check_sharding(distributed_type: DistributedType | str) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 from peft import PeftModel
 from torch import nn
 
+from thanora.adapters.record import unwrap
 from thanora.artifacts import atomic_dir
 
 
 def _peft(model: nn.Module) -> PeftModel:
-    inner = getattr(model, "module", model)  # DistributedDataParallel
+    inner = unwrap(model)
     if not isinstance(inner, PeftModel):
         raise TypeError(f"expected a PeftModel (from thanora.prepare_model), got {type(model).__name__}")
     return inner

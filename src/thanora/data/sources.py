@@ -26,7 +26,7 @@ or the text of one choice, or the reference string when there are no choices), o
 are resolved against the file's folder) and optional ``uid``/``id``.
 
 Prompts follow the OLMES wording (``Question: ...``, ``Goal: ...``, ``Fill in the blank: ...``) without the
-``Answer:`` cue, which :mod:`thanora.formats` adds.
+``Answer:`` cue, which :mod:`thanora.data.formats` adds.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thanora.artifacts import load_tensors, save_tensors
-from thanora.targets import Target
+from thanora.core.targets import Target
 
 logger = logging.getLogger(__name__)
 

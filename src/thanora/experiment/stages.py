@@ -1,6 +1,6 @@
 """Stand-alone stages of the CLI (`collect`, `plan`, `eval`, `export`, `merge`), each reading and writing run artifacts.
 
-Vision-language models are handled as in `thanora.pipeline`: their processor encodes image examples.
+Vision-language models are handled as in `thanora.experiment.pipeline`: their processor encodes image examples.
 """
 
 from __future__ import annotations
@@ -10,13 +10,20 @@ from typing import Any
 
 import torch
 
-from thanora.allocation import RankPlan
-from thanora.config import ConfigError, RunConfig
-from thanora.data import build_task, calibration_batches
-from thanora.hasi_config import ThanoraConfig
-from thanora.pipeline import RunState, evaluate_model, load_model, load_processor, load_tokenizer, resolve_device
-from thanora.prepare import plan_ranks, task_spectra
-from thanora.targets import find_targets
+from thanora.core.allocation import RankPlan
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.targets import find_targets
+from thanora.data.tasks import build_task, calibration_batches
+from thanora.experiment.config import ConfigError, RunConfig
+from thanora.experiment.pipeline import (
+    RunState,
+    evaluate_model,
+    load_model,
+    load_processor,
+    load_tokenizer,
+    resolve_device,
+)
+from thanora.methods.thanora import plan_ranks, task_spectra
 
 
 def _thanora_settings(cfg: RunConfig) -> ThanoraConfig:
@@ -65,13 +72,14 @@ def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
     method's native folder, recognised by its ``thanora_native.json``), on the config's tasks."""
     from peft import PeftModel
 
-    from thanora.native import META, load_native
+    from thanora.adapters.native import META, load_native, read_native_meta
+    from thanora.methods.registry import get_method
 
     device = resolve_device(cfg.model.device)
     model, processor = load_model(cfg, device), load_processor(cfg)
     tokenizer = load_tokenizer(cfg, processor)
     if adapter is not None and (Path(adapter) / META).is_file():
-        model = load_native(model, adapter)
+        model = load_native(model, adapter, get_method(read_native_meta(adapter)["method"]))
     elif adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).eval()
     state = RunState(cfg, Path("."), [build_task(t, cfg.data.seed) for t in cfg.tasks], device, {}, processor)
@@ -80,7 +88,7 @@ def evaluate_adapter(cfg: RunConfig, adapter: Path | None) -> dict[str, Any]:
 
 def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> Path:
     """Merge an exported (converted) adapter into the original base model and save a transformers folder."""
-    from thanora.merge import merge_adapter_into
+    from thanora.adapters.merge import merge_adapter_into
 
     processor = load_processor(cfg)
     return merge_adapter_into(load_model(cfg, resolve_device("cpu")), adapter, out, processor or load_tokenizer(cfg))
@@ -98,11 +106,12 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     """
     import json
 
+    from thanora.adapters.merge import merge_adapter_into
     from thanora.artifacts import load_tensors
-    from thanora.checkpoints import CHECKPOINTS, LATEST
-    from thanora.config import load_config
-    from thanora.merge import merge_adapter_into
-    from thanora.methods import MethodContext, get_method
+    from thanora.experiment.config import load_config
+    from thanora.methods.base import MethodContext
+    from thanora.methods.registry import get_method
+    from thanora.training.checkpoints import CHECKPOINTS, LATEST
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -114,7 +123,7 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     if method.export is None:
         raise ValueError(f"method {label!r} cannot be exported as a PEFT adapter (input-dependent routing: no fixed "
                          f"weight update reproduces it); {run_dir}/{label}/adapter holds its native format, loaded "
-                         "with thanora.native.load_native(base_model, folder)")
+                         "with thanora.adapters.native.load_native(base_model, folder)")
     pointer = run_dir / label / CHECKPOINTS / LATEST
     if not pointer.is_file():
         raise FileNotFoundError(f"{pointer} does not exist: train the method first (thanora train / run)")

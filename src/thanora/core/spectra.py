@@ -15,9 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from thanora.artifacts import load_tensors, save_tensors
-from thanora.covariance import CovarianceStats
-from thanora.hasi_config import ThanoraConfig
-from thanora.targets import Target, weight_matrix
+from thanora.core.covariance import CovarianceStats
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.targets import Target, weight_matrix
 
 logger = logging.getLogger(__name__)
 

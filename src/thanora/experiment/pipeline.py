@@ -10,7 +10,7 @@ Run directory layout::
 
 Vision-language models (a saved config with a ``vision_config``, e.g. LLaVA) load through
 ``AutoModelForImageTextToText`` and their ``AutoProcessor``: image examples go through the processor in calibration,
-training and evaluation alike, and only the language model is adapted (``thanora.targets``).
+training and evaluation alike, and only the language model is adapted (``thanora.core.targets``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from thanora.adapters.merge import merge_adapter_into
 from thanora.artifacts import read_json, write_json
-from thanora.config import MethodSpec, RunConfig
-from thanora.data import MixtureSampler, TaskData, build_task, calibration_batches, encode_examples
-from thanora.evaluate import EvalTask, average, evaluate
-from thanora.formats import collate
-from thanora.merge import merge_adapter_into
-from thanora.methods import Method, MethodContext, get_method
-from thanora.plots import plot_run
-from thanora.train import check_sharding, make_accelerator, train
+from thanora.data.formats import collate
+from thanora.data.tasks import MixtureSampler, TaskData, build_task, calibration_batches, encode_examples
+from thanora.evaluation.evaluate import EvalTask, average, evaluate
+from thanora.experiment.config import MethodSpec, RunConfig
+from thanora.experiment.plots import plot_run
+from thanora.methods.base import Method, MethodContext
+from thanora.methods.registry import get_method
+from thanora.training.train import check_sharding, make_accelerator, train
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     Under ``torchrun`` / ``accelerate launch`` every process runs this; calibration and training are shared out,
     while evaluation and every file write happen on the main process only.
     """
-    from thanora.report import console_table, write_report
+    from thanora.experiment.report import console_table, write_report
 
     out = Path(out)
     model_path(cfg)  # a missing model folder fails before the run directory is touched
@@ -200,7 +201,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, accelerator: A
 
 def export_or_save(method: Method, model: nn.Module, out: Path) -> None:
     """``out/adapter``: the stock PEFT adapter of an exportable method, else the method's own reloadable format
-    (routed methods, see `thanora.native`)."""
+    (routed methods, see `thanora.adapters.native`)."""
     (method.export or method.save)(model, out / "adapter")
 
 

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import torch
 
-from thanora.formats import collate, encode_example, encode_image_example, format_prompt, format_target
-from thanora.sources import Example, load_source
-from thanora.splits import split_examples, split_fingerprint
+from thanora.data.formats import collate, encode_example, encode_image_example, format_prompt, format_target
+from thanora.data.sources import Example, load_source
+from thanora.data.splits import split_examples, split_fingerprint
 
 AnswerFormat = Literal["ranked", "letter", "generative"]
 Metric = Literal["accuracy", "exact_match", "relaxed_accuracy", "anls"]
@@ -153,7 +153,8 @@ def encode_examples(
 ) -> list[dict[str, Any]]:
     """Training features (answer-only labels) of examples, each tagged with ``task_id``.
 
-    An example with an ``image`` is encoded as evaluation encodes it (:func:`thanora.formats.encode_image_example`):
+    An example with an ``image`` is encoded as evaluation encodes it
+    (:func:`thanora.data.formats.encode_image_example`):
     the prompt, with the processor's image placeholder, through ``processor``, the answer through ``tokenizer``; its
     feature also keeps the processor's other outputs (``pixel_values``, ``image_sizes``...). Text examples are encoded
     with ``tokenizer`` alone, whether or not a processor is given.

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from thanora.allocation import COOP, RankPlan
-from thanora.hasi_config import ThanoraConfig
-from thanora.spectra import Spectrum
-from thanora.targets import Target
+from thanora.core.allocation import COOP, RankPlan
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.spectra import Spectrum
+from thanora.core.targets import Target
 
 
 @dataclass(frozen=True)

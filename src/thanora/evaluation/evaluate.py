@@ -1,9 +1,9 @@
 """Evaluation: option log-likelihood scoring, greedy generation, and per-task metrics (PEERS.md conventions).
 
 ``loglik`` mode ranks option continuations by log-likelihood (tokenised exactly as training does, through
-:func:`thanora.formats.encode_example`); ``generate`` mode decodes greedily and applies the task metric. Examples
+:func:`thanora.data.formats.encode_example`); ``generate`` mode decodes greedily and applies the task metric. Examples
 with an image need a ``processor`` (``AutoProcessor``-like: ``text=``, ``images=``) that expands the image
-placeholder (:class:`thanora.formats.ImagePromptTokenizer`, shared with training); its other outputs
+placeholder (:class:`thanora.data.formats.ImagePromptTokenizer`, shared with training); its other outputs
 (``pixel_values``...) go to the model.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from thanora.formats import (
+from thanora.data.formats import (
     FORMATS,
     IGNORE_INDEX,
     LETTERS,
@@ -31,8 +31,8 @@ from thanora.formats import (
     format_prompt,
     option_targets,
 )
-from thanora.metrics import GENERATIVE_METRICS, letter_from_generation
-from thanora.sources import Example
+from thanora.data.sources import Example
+from thanora.evaluation.metrics import GENERATIVE_METRICS, letter_from_generation
 
 # format -> (allowed metrics, allowed modes); the first of each is the default.
 _ALLOWED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -69,7 +69,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EvalTask:
-    """One task to evaluate (independent of :mod:`thanora.data`): ``name`` (results key), ``examples``,
+    """One task to evaluate (independent of :mod:`thanora.data.tasks`): ``name`` (results key), ``examples``,
     ``answer_format`` (``ranked`` | ``letter`` | ``generative``), ``metric`` (``accuracy`` for ranked/letter;
     ``exact_match``, ``relaxed_accuracy`` or ``anls`` for generative), ``chat_template`` (wrap prompts as in
     training) and ``mode`` (``loglik`` for ranked/letter, ``generate`` for letter/generative). A ``metric`` or
@@ -259,7 +259,7 @@ def score_options(
 ) -> list[list[float]]:
     """Log-likelihood of each option continuation given its prompt.
 
-    (prompt, option) pairs are encoded as :func:`~thanora.formats.encode_example` does, sorted by length (longest
+    (prompt, option) pairs are encoded as :func:`~thanora.data.formats.encode_example` does, sorted by length (longest
     first) and run ``cfg.batch_size`` at a time with right padding and an attention mask; options that are one
     token each (letters) share one sequence per prompt. The model is put in eval mode and its mode restored.
 
@@ -267,7 +267,7 @@ def score_options(
         model: Causal LM (or vision-language model) already on ``device``.
         tokenizer: Its tokenizer.
         prompts: N prompt texts.
-        options: For each prompt, its option continuations (e.g. from :func:`~thanora.formats.option_targets`).
+        options: For each prompt, its option continuations (e.g. from :func:`~thanora.data.formats.option_targets`).
         cfg: Evaluation settings (``batch_size``, ``length_normalize``).
         device: Device of the model.
         images: Optional N images (paths, PIL images or ``None``); needs ``processor`` where set.
@@ -309,7 +309,7 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to prompts, without the prompt.
 
-    Prompts are encoded as the prompt part of :func:`~thanora.formats.encode_example`, sorted by length and left-
+    Prompts are encoded as the prompt part of :func:`~thanora.data.formats.encode_example`, sorted by length and left-
     padded in batches of ``cfg.batch_size`` (``tokenizer.padding_side`` is ``"left"`` during the call, then
     restored). Each answer is cut at the first stop sequence (a blank line or ``"Question:"``) and stripped.
 

@@ -7,7 +7,7 @@ model, so the vision tower, the multimodal projector and the output head are nev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,19 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | None = None) 
         order = {n: i for i, n in enumerate(candidates)}
         chosen.sort(key=order.__getitem__)
     return {name: _describe(name, candidates[name]) for name in chosen}
+
+
+def check_rank(targets: Mapping[str, Target], rank: int, owner: str) -> None:
+    """Refuse a rank above min(d_in, d_out) of a target (its extra directions could never be used).
+
+    Raises:
+        ValueError: naming ``<owner>.rank``, the smallest such dimension and the first such module.
+    """
+    too_small = [n for n, t in targets.items() if rank > min(t.d_in, t.d_out)]
+    if too_small:
+        smallest = min(min(targets[n].d_in, targets[n].d_out) for n in too_small)
+        raise ValueError(f"{owner}.rank={rank} exceeds min(d_in, d_out)={smallest} of module {too_small[0]!r} "
+                         f"({len(too_small)} such modules); lower rank or exclude them with target_modules")
 
 
 def _describe(name: str, module: nn.Module) -> Target:

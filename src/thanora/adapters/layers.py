@@ -1,0 +1,89 @@
+"""Put ThanoRA's factors into a model as ordinary PEFT LoRA layers, with the residual base (SPEC.md §7).
+
+ThanoRA is a rank-R LoRA per module whose rank dimension is cut into task blocks and a cooperative block, so PEFT's
+`LoraLayer` already does the forward pass, dropout, `Conv1D` transposes, merging and unmerging. `inject_` adds the
+LoRA layers, copies the HASI factors in, rewrites each base weight to W_res = W − s·B₀A₀ when the residual base is
+on, attaches the `thanora.adapters.record.ThanoraAdapter` record and puts the model under the save/unload policy of
+`thanora.adapters.guard` (the in-memory adapter is wrong on the original model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from thanora.adapters.guard import guard_residual_base_
+from thanora.adapters.peft_config import lora_config
+from thanora.adapters.record import ADAPTER_NAME, ThanoraAdapter, attach_record
+from thanora.core.allocation import RankPlan
+from thanora.core.hasi_config import ThanoraConfig
+from thanora.core.initialize import ModuleInit
+from thanora.core.regularizers import spr_penalty, task_pair_mask
+from thanora.core.targets import Target, set_weight_matrix_, weight_matrix
+
+logger = logging.getLogger(__name__)
+
+
+def inject_(
+    model: nn.Module,
+    targets: Mapping[str, Target],
+    inits: Mapping[str, ModuleInit],
+    plan: RankPlan,
+    cfg: ThanoraConfig,
+) -> PeftModel:
+    """Wrap ``model`` with PEFT LoRA layers holding the HASI factors (and the residual base if configured).
+
+    Args:
+        model: the pretrained model (modified in place, as `get_peft_model` does).
+        targets: the adapted modules.
+        inits: the initial factors from `hasi_factors`.
+        plan: the rank plan.
+        cfg: rank, alpha, dropout, residual switch.
+
+    Returns:
+        The `PeftModel` (only the LoRA factors are trainable), with its `ThanoraAdapter` attached.
+    """
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = lora_config(model, targets, cfg.rank, cfg.alpha, cfg.lora_dropout,
+                         fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
+                         base_model_name_or_path=name_or_path)
+    peft_model = get_peft_model(model, config)
+    base = peft_model.base_model.model
+    layers = {name: base.get_submodule(name) for name in inits}
+    with torch.no_grad():
+        for name, init in inits.items():
+            layer = layers[name]
+            lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            lora_A.copy_(init.lora_A.to(lora_A))
+            lora_B.copy_(init.lora_B.to(lora_B))
+            if cfg.residual:
+                W = weight_matrix(layer.base_layer)
+                W = W.to(torch.promote_types(W.dtype, torch.float32))  # at least float32; float64 stays float64
+                delta = cfg.scaling * (init.lora_B.to(W) @ init.lora_A.to(W))  # (d_out, d_in)
+                set_weight_matrix_(layer.base_layer, W - delta)
+    adapter = ThanoraAdapter(
+        config=cfg,
+        plan=plan,
+        targets=dict(targets),
+        blocks={name: dict(init.blocks) for name, init in inits.items()},
+        initial={n: (i.lora_A.clone(), i.lora_B.clone()) for n, i in inits.items()} if cfg.residual else {},
+        base_model_name_or_path=name_or_path,
+        spr_weights={name: _spr_weight(init, plan, cfg) for name, init in inits.items()},
+        layers=layers,
+    )
+    attach_record(peft_model, adapter)
+    guard_residual_base_(peft_model)
+    logger.info("injected ThanoRA (R=%d, %d modules, %d tasks, residual=%s)", cfg.rank, len(inits),
+                len(plan.tasks), cfg.residual)
+    return peft_model
+
+
+def _spr_weight(init: ModuleInit, plan: RankPlan, cfg: ThanoraConfig) -> float:
+    if cfg.spr_normalization == "none":
+        return 1.0
+    value = float(spr_penalty(init.lora_A.double(), init.lora_B.double(), task_pair_mask(init.blocks, plan.tasks)))
+    return 1.0 / value if value > 0 else 1.0
