@@ -20,12 +20,9 @@ from thanora.methods.align_lora import (
     REFERENCE_BANDWIDTHS,
     AlignLoraSettings,
     align_regularizer,
-    alignment_loss,
     capture_of,
-    kernel_matrix,
-    mean_pool,
-    mk_mmd2,
 )
+from thanora.methods.align_lora_mmd import alignment_loss, kernel_matrix, mean_pool, mk_mmd2
 from thanora.methods.base import MethodContext
 from thanora.methods.registry import METHODS, get_method
 from thanora.training.train import TrainConfig, train

@@ -21,12 +21,10 @@ from thanora.methods.dare import (
     SIDECAR,
     DareSettings,
     adapter_name,
-    dare_merge,
-    drop_and_rescale,
-    low_rank,
     record_of,
     task_ranks,
 )
+from thanora.methods.dare_merge import dare_merge, drop_and_rescale, low_rank
 from thanora.methods.registry import get_method
 from thanora.training.train import make_loader_factory, train
 

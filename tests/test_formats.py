@@ -153,6 +153,18 @@ def test_collate_pads_right(tok: PreTrainedTokenizerFast) -> None:
         collate([a, {**b, "task_id": 1}], 0)
 
 
+def test_collate_equals_transformers_seq2seq_collator_on_text(tok: PreTrainedTokenizerFast) -> None:
+    """The docstring's claim for keeping `collate`: the same tensors as DataCollatorForSeq2Seq on text features."""
+    from transformers import DataCollatorForSeq2Seq
+
+    feats = [encode_example(tok, p, t, 32) for p, t in (("one two three Answer:", " four"),
+                                                        ("one Answer:", " four five"), ("two Answer:", " one"))]
+    ours = collate(feats, tok.pad_token_id)
+    theirs = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")(
+        [dict(f) for f in feats])
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(ours[key], theirs[key]), key
+
 
 def test_collate_concatenates_per_image_tensors(tok: PreTrainedTokenizerFast) -> None:
     a = encode_example(tok, "one two three Answer:", " four", 32)

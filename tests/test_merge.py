@@ -24,8 +24,6 @@ def prepared(builder):
     return model
 
 
-
-
 def base_weights(model) -> dict[str, torch.Tensor]:
     return {n: weight_matrix(lora_layer(model, n).base_layer).detach().clone()
             for n in thanora.adapter_of(model).targets}
@@ -93,6 +91,21 @@ def test_save_merged_reloads_with_transformers(builder, tmp_path: Path) -> None:
     assert not any("lora" in n or "base_layer" in n for n, _ in loaded.named_modules())
     torch.testing.assert_close(logits(loaded.eval(), batch), expected, rtol=0, atol=1e-4)
     assert {p.name for p in tmp_path.iterdir()} == {"merged"}
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_save_merged_writes_the_weights_of_peft_merge_and_unload(builder, tmp_path: Path) -> None:
+    """save_merged's key rewrite (instead of PEFT's destructive merge_and_unload) saves exactly PEFT's weights."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    model = prepared(builder)
+    want = copy.deepcopy(model).merge_and_unload().state_dict()
+    saved = load_file(str(thanora.save_merged(model, tmp_path / "m") / "model.safetensors"))
+    assert set(saved) <= set(want) and set(want) - set(saved) <= {"lm_head.weight"}  # tied head saved once
+    for key, value in saved.items():
+        assert torch.equal(value, want[key]), key
 
 
 def test_save_merged_of_a_merged_model_keeps_it_merged(tmp_path: Path) -> None:

@@ -2,6 +2,11 @@
 
 The prepared model's base holds W_res (residual init), so merging gives W_res + s·B·A = W + ΔW: the correct merged
 weight. Merging an adapter onto the *original* base is only possible through `export_adapter`'s converted adapter.
+
+`save_merged` merges in place, saves the base model's state dict with PEFT's ``.base_layer.`` key level removed and
+its LoRA tensors dropped, then unmerges: PEFT's ``merge_and_unload`` gives the same weights (tested) but replaces the
+LoRA layers by plain ones, so the prepared model would lose its adapter, and ``copy.deepcopy`` first would double the
+model's memory. `merge_adapter_into` (a fresh base, the exported adapter) does use ``merge_and_unload``.
 """
 
 from __future__ import annotations

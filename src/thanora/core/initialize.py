@@ -1,4 +1,11 @@
-"""Heterogeneity-aware subspace initialisation (HASI): SPEC.md §4. Builds the LoRA factors without touching a model."""
+"""Heterogeneity-aware subspace initialisation (HASI): SPEC.md §4. Builds the LoRA factors without touching a model.
+
+The cooperative block's A is drawn here, U(±1/√d_in) (what PEFT's ``kaiming_uniform_(a=√5)`` of ``lora_A`` draws),
+rather than left to PEFT: PEFT initialises the whole A from the global RNG on the device of the weights, so the
+values would depend on the device, on whatever consumed the global RNG before, and on PEFT's init order; here they
+come from a CPU generator seeded by ``ThanoraConfig.seed`` only (the same plan and seed give the same factors on
+any machine, tested), and only the coop rows are random.
+"""
 
 from __future__ import annotations
 

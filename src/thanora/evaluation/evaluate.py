@@ -9,30 +9,31 @@ placeholder (:class:`thanora.data.formats.ImagePromptTokenizer`, shared with tra
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from thanora.data.formats import (
-    FORMATS,
-    IGNORE_INDEX,
-    LETTERS,
-    ImagePromptTokenizer,
-    encode_example,
-    format_prompt,
-    option_targets,
-)
+from thanora.data.formats import FORMATS, LETTERS, ImagePromptTokenizer, encode_example, format_prompt, option_targets
 from thanora.data.sources import Example
 from thanora.evaluation.metrics import GENERATIVE_METRICS, letter_from_generation
+from thanora.evaluation.sequences import (
+    Row,
+    accepts,
+    attention_inputs,
+    context_length,
+    eval_mode,
+    length_sorted_batches,
+    pad_id_of,
+    rows_for_prompt,
+    stack_extras,
+)
 
 # format -> (allowed metrics, allowed modes); the first of each is the default.
 _ALLOWED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -42,9 +43,6 @@ _ALLOWED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 # lm-eval-harness's GSM8K stop sequences: a base model that keeps writing the next question is cut there.
 _STOP_SEQUENCES = ("\n\n", "Question:")
-# Prompts encoded at a time: bounds the memory of processor outputs (images) while still sorting by length.
-_CHUNK_PROMPTS = 256
-_NO_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -105,136 +103,17 @@ class TaskMetrics(TypedDict):
     correct: list[float]
 
 
-@dataclass
-class _Row:
-    """One sequence to run: token ids, the option continuations read off it, and per-sample processor outputs.
-
-    A *packed* row holds one prompt followed by all its options (``spans``: (start, length) of each option); a 4D
-    attention mask lets every option see the prompt and itself only, and position ids restart after the prompt,
-    so each option's log-likelihood equals a separate prompt + option pass at a fraction of the tokens.
-    """
-
-    ids: list[int]
-    queries: list[tuple[int, list[int], list[int]]]  # (output slot, positions whose logits predict, target ids)
-    extras: dict[str, Tensor] = field(default_factory=dict)  # e.g. pixel_values (1, 3, H, W)
-    spans: list[tuple[int, int]] | None = None  # packed rows: (start, length) of each option after the prompt
-
-
-def _context_length(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else _NO_LIMIT
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers pass kwargs on
-    return argument in inspect.signature(base.forward).parameters
-
-
-@contextmanager
-def _eval_mode(model: nn.Module, tokenizer: Any = None) -> Iterator[None]:
-    """Eval mode (and left padding when a tokenizer is given) for the block; the previous states are restored."""
-    was_training, side = model.training, getattr(tokenizer, "padding_side", None)
-    model.eval()
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        if tokenizer is not None:
-            tokenizer.padding_side = side
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad if pad is not None else getattr(tokenizer, "eos_token_id", None) or 0)
-
-
-def _stack_extras(rows: Sequence[_Row], device: torch.device | str, model: nn.Module) -> dict[str, Tensor]:
-    """Concatenate per-sample processor outputs along dim 0 (rows without an image add nothing), floats cast to the
-    model's dtype."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    keys = {k for row in rows for k in row.extras}
-    batch = {k: torch.cat([row.extras[k] for row in rows if k in row.extras]).to(device) for k in sorted(keys)}
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-
-
-def _batches(n_prompts: int, encode: Callable[[int], list[_Row]], batch_size: int) -> Iterator[list[_Row]]:
-    """Encode prompts a chunk at a time, sort the chunk's rows by length (longest first) and cut it into batches."""
-    for lo in range(0, n_prompts, _CHUNK_PROMPTS):
-        rows = [row for i in range(lo, min(lo + _CHUNK_PROMPTS, n_prompts)) for row in encode(i)]
-        rows.sort(key=lambda r: len(r.ids), reverse=True)
-        yield from (rows[b : b + batch_size] for b in range(0, len(rows), batch_size))
-
-
-def _rows_for_prompt(
-    tokenizer: Any, processor: Any, prompt: str, targets: Sequence[str], image: Any, slot: int, max_length: int,
-    pack: bool,
-) -> list[_Row]:
-    """Encode one prompt with each option: one packed row when the options share the prompt tokens (text only),
-    else one row per option."""
-    encoder = tokenizer if image is None else ImagePromptTokenizer(processor, tokenizer, prompt, image)
-    rows: list[_Row] = []
-    for j, target in enumerate(targets):
-        enc = encode_example(encoder, prompt, target, max_length)
-        start = next(k for k, label in enumerate(enc["labels"]) if label != IGNORE_INDEX)
-        extras = dict(getattr(encoder, "extras", {}))
-        target_ids = enc["input_ids"][start:]
-        rows.append(_Row(enc["input_ids"], [(slot + j, list(range(start - 1, len(enc["input_ids"]) - 1)),
-                                             target_ids)], extras))
-    prompt_ids = rows[0].ids[: rows[0].queries[0][1][0] + 1]
-    n_prompt = len(prompt_ids)
-    packed_len = n_prompt + sum(len(r.queries[0][2]) for r in rows)
-    if (len(rows) < 2 or image is not None or not pack or packed_len > max_length
-            or any(r.ids[:n_prompt] != prompt_ids for r in rows)):
-        return rows
-    ids, queries, spans = list(prompt_ids), [], []
-    for r in rows:
-        slot_j, _, target_ids = r.queries[0]
-        start = len(ids)
-        queries.append((slot_j, [n_prompt - 1, *range(start, start + len(target_ids) - 1)], target_ids))
-        spans.append((start, len(target_ids)))
-        ids.extend(target_ids)
-    return [_Row(ids, queries, {}, spans)]
-
-
-def _attention(rows: Sequence[_Row], width: int, device: torch.device | str, dtype: torch.dtype
-               ) -> tuple[Tensor, Tensor | None]:
-    """The batch's attention mask: 2D (B, L) padding mask when no row is packed, else a 4D additive (B, 1, L, L)
-    mask plus position ids (B, L) that restart after the prompt for every option of a packed row."""
-    if all(r.spans is None for r in rows):
-        mask = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows], device=device)
-        return mask, None
-    allowed = torch.zeros(len(rows), width, width, dtype=torch.bool)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    for b, row in enumerate(rows):
-        n = len(row.ids)
-        n_prompt = row.spans[0][0] if row.spans else n
-        allowed[b, :n_prompt, :n_prompt] = causal[:n_prompt, :n_prompt]
-        positions[b, :n_prompt] = torch.arange(n_prompt)
-        for start, length in row.spans or []:
-            allowed[b, start:start + length, :n_prompt] = True
-            allowed[b, start:start + length, start:start + length] = causal[:length, :length]
-            positions[b, start:start + length] = torch.arange(n_prompt, n_prompt + length)
-        allowed[b, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends to itself: no empty rows
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None].to(device), positions.to(device)
-
-
 def _score_rows(
-    model: nn.Module, rows: Sequence[_Row], pad_id: int, device: torch.device | str, keep_ok: bool
+    model: nn.Module, rows: Sequence[Row], pad_id: int, device: torch.device | str, keep_ok: bool
 ) -> dict[int, tuple[float, int]]:
     """One right-padded forward pass; returns ``{slot: (sum of target log-probs, number of target tokens)}``."""
     width = max(len(r.ids) for r in rows)
     input_ids = torch.tensor([r.ids + [pad_id] * (width - len(r.ids)) for r in rows], device=device)  # (B, L)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    mask, positions = _attention(rows, width, device, dtype)
+    mask, positions = attention_inputs(rows, width, device, dtype)
     # Only logits from the earliest predicting position on are needed.
     first = min(pos[0] for r in rows for _, pos, _ in r.queries)
-    kwargs: dict[str, Any] = _stack_extras(rows, device, model)
+    kwargs: dict[str, Any] = stack_extras(rows, device, model)
     if positions is not None:
         kwargs["position_ids"] = positions
     if keep_ok:
@@ -285,16 +164,16 @@ def score_options(
     offsets = [0, *itertools.accumulate(len(opts) for opts in options)]
     images = images if images is not None else [None] * len(prompts)
     results: dict[int, tuple[float, int]] = {}
-    max_length, pad_id, keep_ok = _context_length(model), _pad_id(tokenizer), _accepts(model, "logits_to_keep")
-    pack = cfg.pack_options and _accepts(model, "position_ids")
+    max_length, pad_id, keep_ok = context_length(model), pad_id_of(tokenizer), accepts(model, "logits_to_keep")
+    pack = cfg.pack_options and accepts(model, "position_ids")
 
-    def encode(i: int) -> list[_Row]:
-        return _rows_for_prompt(tokenizer, processor, prompts[i], options[i], images[i], offsets[i], max_length,
+    def encode(i: int) -> list[Row]:
+        return rows_for_prompt(tokenizer, processor, prompts[i], options[i], images[i], offsets[i], max_length,
                                 pack)
 
     bar = tqdm(total=offsets[-1], desc="score", unit="pair", disable=not progress, leave=False)
-    with _eval_mode(model):
-        for batch in _batches(len(prompts), encode, cfg.batch_size):
+    with eval_mode(model):
+        for batch in length_sorted_batches(len(prompts), encode, cfg.batch_size):
             results.update(_score_rows(model, batch, pad_id, device, keep_ok))
             bar.update(sum(len(r.queries) for r in batch))
     bar.close()
@@ -327,24 +206,24 @@ def generate_answers(
         raise ValueError("generation needs a tokenizer with an eos_token_id")
     if images is not None and len(images) != len(prompts):
         raise ValueError("prompts and images must have the same length")
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=_pad_id(tokenizer),
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id_of(tokenizer),
                                eos_token_id=eos)
     images = images if images is not None else [None] * len(prompts)
-    max_length = max(_context_length(model) - cfg.max_new_tokens, 1) + 1  # + 1: the EOS below
+    max_length = max(context_length(model) - cfg.max_new_tokens, 1) + 1  # + 1: the EOS below
 
-    def encode(i: int) -> list[_Row]:
+    def encode(i: int) -> list[Row]:
         # The prompt part of encode_example (BOS, truncation...): an empty answer leaves EOS as the only target.
         image = images[i]
         encoder = tokenizer if image is None else ImagePromptTokenizer(processor, tokenizer, prompts[i], image)
         ids = encode_example(encoder, prompts[i], "", max_length, add_eos=True)["input_ids"][:-1]
-        return [_Row(ids, [(i, len(ids), [])], dict(getattr(encoder, "extras", {})))]
+        return [Row(ids, [(i, len(ids), [])], dict(getattr(encoder, "extras", {})))]
 
     answers = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="q", disable=not progress, leave=False)
-    with _eval_mode(model, tokenizer):
-        for batch in _batches(len(prompts), encode, cfg.batch_size):
+    with eval_mode(model, tokenizer):
+        for batch in length_sorted_batches(len(prompts), encode, cfg.batch_size):
             inputs = tokenizer.pad({"input_ids": [r.ids for r in batch]}, return_tensors="pt").to(device)  # left
-            inputs.update(_stack_extras(batch, device, model))
+            inputs.update(stack_extras(batch, device, model))
             out = cast(Any, model).generate(**inputs, generation_config=gen_cfg)  # (B, L + new)
             texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for row, text in zip(batch, texts, strict=True):

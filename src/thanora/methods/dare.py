@@ -53,6 +53,7 @@ from thanora.adapters.record import attach_record, find_record, unwrap
 from thanora.artifacts import atomic_dir
 from thanora.core.targets import Target, check_rank, find_targets
 from thanora.methods.base import Method, MethodContext, consume_task_ids
+from thanora.methods.dare_merge import dare_merge, low_rank
 from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, seeded_rng
 
 SIDECAR = "dare_merge.json"
@@ -125,43 +126,6 @@ def task_weights(settings: DareSettings, n_tasks: int) -> list[float]:
     if len(settings.weights) != n_tasks:
         raise ValueError(f"DareSettings.weights has {len(settings.weights)} values for {n_tasks} tasks")
     return list(settings.weights)
-
-
-def drop_and_rescale(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """DARE's drop: each entry kept with probability ``density`` and divided by it (E[result] = delta).
-
-    Args:
-        delta: any tensor (ΔW_t, (d_out, d_in)).
-        density: keep probability p in (0, 1]; 1 returns ``delta`` unchanged.
-        generator: on ``delta``'s device; consumed.
-    """
-    if density >= 1.0:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
-    return delta * keep / density
-
-
-def dare_merge(deltas: Sequence[Tensor], weights: Sequence[float], density: float, generator: torch.Generator
-               ) -> Tensor:
-    """Σ_t w_t · drop_and_rescale(ΔW_t): the merged update of one module (masks drawn in task order)."""
-    merged = torch.zeros_like(deltas[0])
-    for weight, delta in zip(weights, deltas, strict=True):
-        merged += weight * drop_and_rescale(delta, density, generator)
-    return merged
-
-
-def low_rank(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """Best rank-``rank`` factors of ``delta`` (d_out, d_in) by truncated SVD.
-
-    Returns:
-        ``(A (rank, d_in), B (d_out, rank), relative Frobenius error ‖ΔW − B·A‖ / ‖ΔW‖)``, B = U·√S, A = √S·Vᵀ
-        (0 error for a zero ΔW).
-    """
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    root = S[:rank].sqrt()
-    total = float(S.square().sum())
-    error = math.sqrt(float(S[rank:].square().sum()) / total) if total > 0 else 0.0
-    return root[:, None] * Vh[:rank], U[:, :rank] * root, error
 
 
 @dataclass(frozen=True)
