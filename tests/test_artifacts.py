@@ -10,6 +10,9 @@ from safetensors.torch import save_file
 
 from thanora import artifacts
 from thanora.artifacts import (
+    MARKER,
+    ArtifactError,
+    artifact_kind,
     atomic_dir,
     atomic_path,
     load_tensors,
@@ -70,25 +73,79 @@ def test_save_tensors_error_mid_write_leaves_old_file(tmp_path: Path, monkeypatc
     assert _entries(tmp_path) == {"t.safetensors"}
 
 
-def test_atomic_dir_replaces_and_cleans_up(tmp_path: Path) -> None:
+def test_atomic_dir_replaces_its_own_kind_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("stale")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter") as tmp:
+        (tmp / "old.txt").write_text("old")
+    assert artifact_kind(out) == "adapter"
+    with atomic_dir(out, "adapter") as tmp:
         (tmp / "new.txt").write_text("new")
-    assert _entries(out) == {"new.txt"}
+    assert _entries(out) == {"new.txt", MARKER}
     assert _entries(tmp_path) == {"out"}
+
+
+def test_atomic_dir_never_replaces_what_thanora_did_not_write(tmp_path: Path) -> None:
+    """A user's folder (e.g. --output-dir ~/models) and a thanora folder of another kind are refused before any
+    work, and nothing in them changes."""
+    home = tmp_path / "models"
+    home.mkdir()
+    (home / "precious.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"files thanora did not write.*nothing was changed"), \
+            atomic_dir(home, "merged"):
+        pytest.fail("the body must not run")
+    assert _entries(home) == {"precious.bin"}
+    with atomic_dir(tmp_path / "a", "adapter"):
+        pass
+    with pytest.raises(ArtifactError, match="thanora adapter folder"), atomic_dir(tmp_path / "a", "merged"):
+        pytest.fail("the body must not run")
+    (tmp_path / "file").write_text("f")
+    with pytest.raises(ArtifactError, match="not a folder"), atomic_dir(tmp_path / "file", "adapter"):
+        pytest.fail("the body must not run")
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty", "merged") as tmp:  # an empty folder holds nothing to lose
+        (tmp / "w").write_text("w")
+    assert artifact_kind(tmp_path / "empty") == "merged"
+
+
+def test_a_forged_or_broken_marker_proves_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / MARKER).write_text('{"format": "other", "kind": "adapter"}')
+    assert artifact_kind(folder) is None
+    (folder / MARKER).write_text("{broken")
+    assert artifact_kind(folder) is None
+    (folder / MARKER).unlink()
+    (folder / "thanora_adapter.json").write_text("{}")  # written by thanora before the marker existed
+    assert artifact_kind(folder) == "adapter"
 
 
 def test_atomic_dir_error_keeps_old_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("keep")
-    with pytest.raises(ValueError, match="fail"), atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter") as tmp:
+        (tmp / "keep.txt").write_text("keep")
+    with pytest.raises(ValueError, match="fail"), atomic_dir(out, "adapter") as tmp:
         (tmp / "new.txt").write_text("new")
         raise ValueError("fail")
-    assert _entries(out) == {"keep.txt"}
+    assert _entries(out) == {"keep.txt", MARKER}
     assert _entries(tmp_path) == {"out"}
+
+
+def test_artifacts_keep_the_users_umask(tmp_path: Path) -> None:
+    """tempfile alone makes 0600 files and 0700 folders, unreadable to colleagues on a shared machine."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d", "adapter") as tmp:
+            (tmp / "inside.txt").write_text("y")
+        assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble_header", "garbage"])

@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, VOCAB, tiny_llama, tiny_llava
+from thanora.data.example import Example
 from thanora.data.formats import IGNORE_INDEX, encode_example, format_prompt, option_targets
-from thanora.data.sources import Example
 from thanora.evaluation.evaluate import (
     EvalConfig,
     EvalTask,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import thanora
 from conftest import llava_batch, logits, perturb_, random_batch, tiny_gpt2, tiny_llama, tiny_llava
 from thanora.adapters.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR
+from thanora.artifacts import MARKER, ArtifactError
 from thanora.core.allocation import COOP, RankPlan
 
 R = 8
@@ -90,7 +91,7 @@ def test_save_pretrained_writes_the_converted_adapter(tmp_path: Path) -> None:
     model = prepared(tiny_llama, random_batch)
     thanora.export_adapter(model, tmp_path / "export")
     model.save_pretrained(tmp_path / "save")
-    assert {p.name for p in (tmp_path / "save").iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR}
+    assert {p.name for p in (tmp_path / "save").iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, MARKER}
     assert json.loads((tmp_path / "save" / ADAPTER_CONFIG).read_text()) == json.loads(
         (tmp_path / "export" / ADAPTER_CONFIG).read_text())
     a, b = load_file(str(tmp_path / "save" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "export" / ADAPTER_WEIGHTS))
@@ -129,14 +130,20 @@ def test_residual_false_exports_rank_r(tmp_path: Path) -> None:
     assert not any("lora" in n for n, _ in model.unload().named_modules())  # allowed without a residual base
 
 
-def test_export_is_atomic_and_replaces_existing_folder(tmp_path: Path) -> None:
+def test_export_is_atomic_and_replaces_only_its_own_adapter(tmp_path: Path) -> None:
     out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "stale.bin").write_bytes(b"old")
     model = prepared(tiny_llama, random_batch)
     assert thanora.export_adapter(model, out) == out
-    assert {p.name for p in out.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR}
+    (out / "stale.bin").write_bytes(b"old")  # inside an adapter folder thanora wrote: replaced with it
+    assert thanora.export_adapter(model, out) == out
+    assert {p.name for p in out.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, SIDECAR, MARKER}
     assert {p.name for p in tmp_path.iterdir()} == {"adapter"}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="did not write"):
+        thanora.export_adapter(model, mine)
+    assert {p.name for p in mine.iterdir()} == {"notes.txt"}
 
 
 def test_failed_export_keeps_previous_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from thanora.assets import SMOLLM2_VOCAB_SIZE, AssetMissingError, smollm2_dir
+from thanora.data.example import Example
 from thanora.data.formats import (
     IGNORE_INDEX,
     collate,
@@ -19,7 +20,6 @@ from thanora.data.formats import (
     option_targets,
     uses_chat_template,
 )
-from thanora.data.sources import Example
 
 _TEXT = (
     "Question: Answer: what is the sky colour ? red blue green A. B. C. A B C one two three four five six "

@@ -217,12 +217,15 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(tmp_path: Path) -
 
 @pytest.mark.parametrize("name", ["hydralora", "mtlora"])
 def test_exporting_a_routed_method_as_peft_is_a_clear_error(name: str, tmp_path: Path) -> None:
+    from thanora.artifacts import write_json
+    from thanora.experiment.pipeline import run_record
     from thanora.experiment.stages import export_trained
 
     assert METHODS[name].export is None and not METHODS[name].mergeable
     cfg = config_from_dict({"model": {"name_or_path": "some/model"}, "tasks": [{"name": "a", "source": "csqa"}],
                             "methods": [{"name": name}]})
     cfg.save(tmp_path / "config.yaml")
+    write_json(tmp_path / "run.json", run_record(cfg, "complete", {}))
     with pytest.raises(ValueError, match=r"cannot be exported as a PEFT adapter \(input-dependent.*load_native"):
         export_trained(tmp_path, name)
 

@@ -26,7 +26,7 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert [f.name for f in dataclasses.fields(Method)] == [
         "name", "paper", "config_cls", "mergeable", "task_id_at_train", "task_id_at_test", "prepare", "regularizer",
         "export", "save", "load", "param_count", "describe", "finalize", "stratified_batches", "train_state",
-        "load_train_state", "supports_gradient_checkpointing",
+        "load_train_state", "check_tasks", "supports_gradient_checkpointing",
     ]
     assert isinstance(method.paper, str) and "arXiv" in method.paper
     assert dataclasses.is_dataclass(method.config_cls)

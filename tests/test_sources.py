@@ -12,7 +12,8 @@ import pytest
 
 from thanora import assets
 from thanora.assets import AssetMissingError
-from thanora.data.sources import Example, load_source, packaged_sources
+from thanora.data.example import Example
+from thanora.data.sources import load_source, packaged_sources
 from thanora.data.splits import split_examples, split_fingerprint
 
 
@@ -77,7 +78,7 @@ def test_schema_errors_name_the_field(tmp_path: Path, row: dict[str, Any], field
     path = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "fine"}, row])
     with pytest.raises(ValueError, match=f"'{field}'") as info:
         load_source(f"jsonl:{path}")
-    assert "row 1" in str(info.value)
+    assert "line 2" in str(info.value)  # the file's line, counted from 1
 
 
 def test_missing_file_and_bad_json(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from conftest import LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKENS, tiny_llava
 from thanora.cli import main
 from thanora.core.covariance import CovarianceFitter
+from thanora.data.example import Example
 from thanora.data.formats import (
     IGNORE_INDEX,
     collate,
@@ -31,7 +32,6 @@ from thanora.data.formats import (
     format_prompt,
     format_target,
 )
-from thanora.data.sources import Example
 from thanora.data.tasks import DataConfig, TaskConfig, TaskData, calibration_batches, encode_examples
 from thanora.evaluation.evaluate import ImagePromptTokenizer as EvalImagePromptTokenizer
 from thanora.experiment import pipeline

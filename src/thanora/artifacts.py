@@ -1,10 +1,19 @@
-"""Atomic writes of the files thanora produces (tensors, JSON, text): temp file in the same folder, then rename.
+"""Atomic writes of the files thanora produces (tensors, JSON, text, folders), and the proof that thanora wrote them.
 
-A crash mid-write leaves the previous file (or none), never a truncated one.
+A file is written to a temporary file in the same folder, then renamed over the target: a crash mid-write leaves
+the previous file (or none), never a truncated one. A folder (an adapter, a merged model, a checkpoint) is written
+to a temporary folder beside the target, then swapped in; the old one is removed only after the swap.
+
+Nothing that thanora did not write is ever replaced. Every folder written by `atomic_dir` carries a marker file,
+`MARKER` (``{"format": "thanora-artifact/1", "kind": ..., "thanora": version}``); an existing folder is replaced only
+when it is empty or carries a marker of the same kind (or is a same-kind folder of an older thanora, recognised by
+its own metadata file), else `ArtifactError`. Temporary files and folders get the permissions the user's umask
+gives any new file (``tempfile`` alone would leave them 0600 / 0700, unreadable to colleagues on a shared machine).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -19,6 +28,34 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 _META_KEY = "thanora"
+MARKER = "thanora_artifact.json"
+MARKER_FORMAT = "thanora-artifact/1"
+KINDS = ("adapter", "merged", "checkpoint")
+# Folders written by thanora before the marker existed, recognised by a metadata file only thanora writes.
+_LEGACY = {"adapter": ("thanora_adapter.json", "thanora_native.json", "dare_merge.json"),
+           "checkpoint": ("state.json",), "merged": ()}
+
+
+class ArtifactError(ValueError):
+    """Writing would replace something thanora did not write (or a folder of another kind); nothing was changed."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("thanora")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_mode(path: Path, directory: bool) -> None:
+    """The mode a plain ``open``/``mkdir`` would have given ``path`` under the user's umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextmanager
@@ -28,6 +65,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _give_default_mode(Path(tmp), directory=False)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -97,14 +135,70 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-@contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (old content removed)."""
+def artifact_kind(path: str | Path) -> str | None:
+    """The kind of thanora artifact folder ``path`` is (its `MARKER`, or an older thanora's metadata file), or
+    ``None`` when thanora cannot tell that it wrote it."""
     path = Path(path)
+    marker = path / MARKER
+    if marker.is_file():
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict) and data.get("format") == MARKER_FORMAT and data.get("kind") in KINDS:
+            return str(data["kind"])
+        return None
+    for kind, files in _LEGACY.items():
+        if any((path / name).is_file() for name in files):
+            return kind
+    return None
+
+
+def check_replaceable(path: str | Path, kind: str) -> None:
+    """Refuse to write a ``kind`` folder at ``path`` over anything but nothing, an empty folder or a ``kind`` folder
+    thanora wrote.
+
+    Raises:
+        ArtifactError: naming the path and what to do.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink():
+        if not any(path.iterdir()):
+            return
+        found = artifact_kind(path)
+        if found == kind:
+            return
+        what = f"a thanora {found} folder" if found else "files thanora did not write"
+        raise ArtifactError(f"{path} already holds {what}; it is not replaced by a {kind} folder: choose a new or "
+                            "empty folder (nothing was changed)")
+    raise ArtifactError(f"{path} exists and is not a folder; choose a new or empty folder for the {kind} "
+                        "(nothing was changed)")
+
+
+@contextmanager
+def atomic_dir(path: str | Path, kind: str):
+    """Yield a temporary folder next to ``path``; on success it replaces ``path``, marked as a ``kind`` artifact.
+
+    ``path`` may be absent, an empty folder or a ``kind`` folder thanora wrote (`check_replaceable`, checked before
+    anything is written, and again before the swap); the old folder is removed only after the new one is in place.
+
+    Raises:
+        ArtifactError: ``path`` holds anything else.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}; known: {KINDS}")
+    path = Path(path)
+    check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _give_default_mode(tmp, directory=True)
     try:
         yield tmp
+        (tmp / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "kind": kind, "thanora": _version()})
+                                  + "\n", encoding="utf-8")
+        check_replaceable(path, kind)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

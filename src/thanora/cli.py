@@ -1,54 +1,90 @@
-"""`thanora` console script: a thin argparse layer over `pipeline`; no logic of its own.
+"""`thanora` console script: a thin argparse layer over `thanora.experiment`; no logic of its own.
 
-Every user error (bad config key, unknown task/method, missing asset, occupied output dir, NaN loss) is printed as
-one line naming the problem and the fix, with exit code 2.
+Exit codes: 0 done; 2 a user error (bad config key or value, bad data file, missing model or asset, occupied output
+folder, bad command line, NaN loss), printed as one line per problem that names the field or file and the fix, with
+no traceback (``--debug`` shows it) and nothing changed on disk; 130 interrupted (Ctrl-C or SIGTERM: completed
+stages are kept and ``--resume`` continues); 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A bad command line (argparse's complaint, made one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the subcommand's ``--help`` (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``thanora`` command."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+        if bad:
+            raise UsageError(f"unrecognised arguments {bad}; config overrides look like --a.b=value")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}; config overrides look like --a.b=value")
+    previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     try:
         return int(args.func(args, [e[2:] for e in extra]) or 0)
     except KeyboardInterrupt:
         print("interrupted; completed stages are saved, re-run with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
-        if not _is_user_error(err):
+        if not _is_user_error(err) or args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: status "interrupted", resumable
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _is_user_error(err: Exception) -> bool:
     from thanora.assets import AssetMissingError
-    from thanora.experiment.pipeline import RunDirError
+    from thanora.experiment.rundir import RunDirError
     from thanora.training.train import NonFiniteLossError
 
-    # OSError: transformers' loaders report unknown Hub ids / unreachable Hub this way.
+    # OSError: missing files and folders; transformers' loaders report unreadable model folders this way.
     return isinstance(err, ValueError | OSError | AssetMissingError | RunDirError | NonFiniteLossError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser = argparse.ArgumentParser(prog="thanora", description="Multi-task, mergeable LoRA fine-tuning (ThanoRA).")
+    common.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    parser = _Parser(prog="thanora", description="Multi-task, mergeable LoRA fine-tuning (ThanoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
 
@@ -89,13 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="Evaluate the base model, or an exported adapter, on a config's tasks.")
     p.add_argument("config", type=Path)
     p.add_argument("--adapter", type=Path, help="PEFT adapter folder (from a run's <method>/adapter)")
-    p.add_argument("--output", type=Path, help="write the metrics JSON here")
+    p.add_argument("--output", type=Path, help="write the metrics JSON here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output file that thanora eval wrote")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("merge", help="Merge an exported adapter into the original base; save a transformers folder.")
     p.add_argument("config", type=Path)
     p.add_argument("--adapter", type=Path, required=True)
-    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--output-dir", type=Path, required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged-model folder that thanora wrote")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("plot", help="Re-render the figures and report.md of a run directory.")
@@ -162,9 +200,12 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.artifacts import write_json
     from thanora.experiment.config import load_config
     from thanora.experiment.report import console_table
-    from thanora.experiment.stages import evaluate_adapter
+    from thanora.experiment.stages import check_metrics_output, evaluate_adapter
 
-    metrics = evaluate_adapter(load_config(args.config, overrides), args.adapter)
+    cfg = load_config(args.config, overrides)
+    if args.output:
+        check_metrics_output(args.output, args.overwrite)
+    metrics = evaluate_adapter(cfg, args.adapter)
     label = "adapter" if args.adapter else "base"
     print(console_table({label: metrics}))
     if args.output:
@@ -176,14 +217,18 @@ def _merge(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.experiment.config import load_config
     from thanora.experiment.stages import merge_adapter
 
-    print(merge_adapter(load_config(args.config, overrides), args.adapter, args.output_dir))
+    print(merge_adapter(load_config(args.config, overrides), args.adapter, args.output_dir, args.overwrite))
     return 0
 
 
 def _plot(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.experiment.plots import plot_run
     from thanora.experiment.report import write_report
+    from thanora.experiment.rundir import RunDirError, is_run_dir
 
+    if not is_run_dir(args.run_dir):
+        raise RunDirError(f"{args.run_dir} is not a thanora run folder (no run.json); give the --output-dir of a "
+                          "thanora run")
     plot_run(args.run_dir)
     write_report(args.run_dir)
     print(f"{args.run_dir}/plots, {args.run_dir}/report.md")
@@ -200,6 +245,7 @@ def _assets(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
     from thanora.assets import AssetMissingError
+    from thanora.experiment.models import meta_model
     from thanora.methods.registry import methods_table
 
     model = None
@@ -222,20 +268,6 @@ def _methods(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"\nparameter counts for {args.model} with each method's default settings and rank {args.rank} "
               "(per head for multi-head methods; see `thanora methods --help`)")
     return 0
-
-
-def meta_model(name: str):
-    """The base model ``name`` (``smollm2``, a folder or a Hub id) built from its config on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from thanora.experiment.pipeline import resolve_model_path
-
-    path = resolve_model_path(name)
-    config = AutoConfig.from_pretrained(str(path))
-    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
-    with torch.device("meta"):
-        return auto.from_config(config)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def write_lora_adapter(out_dir: str | Path, factors: Mapping[str, tuple[torch.Te
         state[f"base_model.model.{name}.lora_A.weight"] = A
         state[f"base_model.model.{name}.lora_B.weight"] = B
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "adapter") as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -65,7 +65,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
             for key, value in base.state_dict().items()
             if ".lora_" not in key
         }
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, "merged") as tmp:
             base.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
@@ -82,7 +82,7 @@ def merge_adapter_into(base: nn.Module, adapter_dir: str | Path, out_dir: str | 
     so the merged folder is exactly what PEFT's own ``merge_and_unload`` makes of it.
     """
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "merged") as tmp:
         merged.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

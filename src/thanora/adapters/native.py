@@ -43,7 +43,7 @@ def save_native(model: nn.Module, method_name: str, settings: Any, out_dir: str 
         "base_model": {"class": type(inner).__name__, "name_or_path": getattr(config, "_name_or_path", None)},
         "tensors": {n: list(t.shape) for n, t in tensors.items()},
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "adapter") as tmp:
         save_tensors(tensors, Path(tmp) / TENSORS)
         write_json(Path(tmp) / META, meta)
     return Path(out_dir)

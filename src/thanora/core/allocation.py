@@ -167,7 +167,7 @@ def split_ranks(entropies: Sequence[float], budget: int, tau: float, r_min: int)
     if n_tasks * r_min > r_task:
         raise RankBudgetError(
             f"rank budget R={budget} leaves {r_task} task ranks after the cooperative block, fewer than "
-            f"T·r_min = {n_tasks}·{r_min}; raise rank to at least {_min_budget(n_tasks, r_min)} or lower r_min"
+            f"T·r_min = {n_tasks}·{r_min}; raise rank to at least {min_budget(n_tasks, r_min)} or lower r_min"
         )
     pi = torch.softmax(torch.tensor(entropies, dtype=torch.float64) / tau, dim=0)
     ranks = [max(r_min, math.floor(r_task * float(p))) for p in pi]
@@ -179,7 +179,8 @@ def split_ranks(entropies: Sequence[float], budget: int, tau: float, r_min: int)
     return ModulePlan(tuple(ranks), budget - sum(ranks), tuple(float(h) for h in entropies))
 
 
-def _min_budget(n_tasks: int, r_min: int) -> int:
+def min_budget(n_tasks: int, r_min: int) -> int:
+    """The smallest rank budget R whose task part R − ⌊R/(T+1)⌋ holds T·r_min."""
     budget = 2
     while budget - budget // (n_tasks + 1) < n_tasks * r_min:
         budget += 1

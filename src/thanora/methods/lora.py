@@ -111,7 +111,7 @@ def save_lora(model: nn.Module, out_dir: Path) -> None:
     inner = unwrap(model)
     if not isinstance(inner, PeftModel):
         raise TypeError(f"expected a PeftModel from the method's prepare, got {type(inner).__name__}")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "adapter") as tmp:
         inner.save_pretrained(str(tmp))
 
 
@@ -121,8 +121,14 @@ def load_peft_adapter(model: nn.Module, folder: Path) -> PeftModel:
 
 
 def lora_param_count(model: nn.Module, settings: Any) -> int:
-    """r · (d_in + d_out) summed over the targets of ``settings`` (``rank``, ``target_modules``)."""
+    """r · (d_in + d_out) summed over the targets of ``settings`` (``rank``, ``target_modules``).
+
+    Raises:
+        ValueError: a target name matches nothing, or the rank exceeds a target's min(d_in, d_out) (as ``prepare``
+            would, so a run checks it on a meta-device model before any work).
+    """
     targets = find_targets(model, settings.target_modules)
+    check_rank(targets, settings.rank, type(settings).__name__)
     return sum(settings.rank * (t.d_in + t.d_out) for t in targets.values())
 
 

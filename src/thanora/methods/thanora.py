@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from thanora.adapters.export import export_adapter
 from thanora.adapters.layers import inject_
 from thanora.adapters.record import adapter_of, lora_factors, spr_terms
-from thanora.core.allocation import RankPlan, allocate_ranks, normalized_entropy
+from thanora.core.allocation import RankPlan, allocate_ranks, min_budget, normalized_entropy
 from thanora.core.covariance import Batch, collect_covariances
 from thanora.core.hasi_config import ThanoraConfig
 from thanora.core.initialize import hasi_factors
@@ -214,6 +214,26 @@ def describe_thanora(model: nn.Module) -> dict[str, Any]:
     return {"rank_plan.json": adapter.plan.to_dict(), "overlap.json": overlap}
 
 
+def check_thanora_tasks(config: ThanoraConfig, tasks: Sequence[str]) -> list[str]:
+    """The rank budget must hold every task's minimum rank; SPR does nothing with one task.
+
+    Raises:
+        ValueError: ``rank`` below the budget T·r_min needs after the cooperative block (`RankBudgetError`'s rule,
+            checked before any calibration).
+    """
+    needed = min_budget(len(tasks), config.r_min)
+    if config.rank < needed:
+        raise ValueError(f"rank={config.rank} cannot give each of the {len(tasks)} tasks r_min={config.r_min} ranks "
+                         f"beside the cooperative block; raise rank to at least {needed} or lower r_min")
+    notes = []
+    if len(tasks) == 1 and config.spr_lambda > 0:
+        notes.append(f"spr_lambda={config.spr_lambda:g} has no effect with a single task: SPR penalises the overlap "
+                     "of different tasks' blocks, so it is identically zero (set spr_lambda: 0)")
+    if config.spr_lambda == 0 and config.spr_normalization != "none":
+        notes.append(f"spr_normalization={config.spr_normalization} has no effect with spr_lambda=0")
+    return notes
+
+
 THANORA = Method(
     name="thanora",
     paper="Liang et al., ThanoRA: Task Heterogeneity-Aware Multi-Task Low-Rank Adaptation, 2025 (arXiv:2505.18640)",
@@ -228,4 +248,5 @@ THANORA = Method(
     load=load_peft_adapter,
     param_count=lora_param_count,
     describe=describe_thanora,
+    check_tasks=check_thanora_tasks,
 )

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
 
-from thanora.artifacts import atomic_dir, load_tensors, read_json, save_tensors, write_json, write_text
+from thanora.artifacts import artifact_kind, atomic_dir, load_tensors, read_json, save_tensors, write_json, write_text
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINTS = "checkpoints"
@@ -52,7 +52,7 @@ def save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], opti
     rng_states = gather_object([rng_state()])  # one entry per process, in process order
     path = root / f"step-{step}"
     if accelerator.is_main_process:
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, "checkpoint") as tmp:
             save_tensors(dict(trainable), tmp / "adapter.safetensors", {"step": step})
             if method_state is not None:
                 save_tensors(method_state, tmp / METHOD_STATE, {"step": step})
@@ -61,11 +61,24 @@ def save_checkpoint(root: Path, step: int, trainable: Mapping[str, Tensor], opti
             torch.save(rng_states, tmp / "rng.pt")
             write_json(tmp / "state.json", {**meta, "step": step, "history": history})
         write_text(root / LATEST, path.name + "\n")
-        done = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-        for old in done[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+        for old in checkpoint_dirs(root)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The checkpoint folders thanora wrote under ``root`` (``step-<N>`` with the checkpoint marker), oldest first."""
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and artifact_kind(p) == "checkpoint"]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Remove the checkpoints of an earlier run from ``root``: the checkpoint folders thanora wrote and the
+    ``latest`` pointer; anything else under ``root`` is left where it is."""
+    for path in checkpoint_dirs(root):
+        shutil.rmtree(path)
+    (root / LATEST).unlink(missing_ok=True)
 
 
 def load_checkpoint(root: Path, meta: dict[str, Any], trainable: Mapping[str, Tensor], optimizer: Any,

@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from thanora.training.checkpoints import (
     LATEST,
     load_checkpoint,
     load_method_state,
+    remove_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
@@ -237,7 +237,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
         logger.info("resuming %s from %s (step %d of %d)", method.name, result.checkpoint, result.steps, total)
     elif root is not None and root.exists() and accelerator.is_main_process:
         logger.warning("removing old checkpoints in %s (resume=%s)", root, resume)
-        shutil.rmtree(root)
+        remove_checkpoints(root)
     accelerator.wait_for_everyone()
 
     bar = tqdm(total=total, initial=result.steps, desc=f"train [{method.name}]", dynamic_ncols=True,
