@@ -151,16 +151,9 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"tasks: task names must be unique, got {names}")
     problems += [f"tasks[{n}].name: {n!r} is reserved ({RESERVED_TASKS[n]}); rename the task"
                  for n in names if n in RESERVED_TASKS]
-    if not cfg.methods:
-        problems.append("methods: at least one method is required (e.g. `- name: thanora`)")
-    labels = [m.label for m in cfg.methods]
-    if len(set(labels)) != len(labels):
-        problems.append(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
+    problems += _label_problems(cfg.methods)
     for spec in cfg.methods:
         where = f"methods[{spec.label}]"
-        if spec.label in RESERVED_LABELS:
-            problems.append(f"{where}.label: {spec.label!r} is reserved ({RESERVED_LABELS[spec.label]}); give the "
-                            f"method another `label`")
         method = get_method(spec.name)
         try:
             settings = spec.build()
@@ -173,6 +166,15 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"train.gradient_checkpointing: {spec.name} ({where}) does not support it (see "
                             "docs/METHODS.md); set it to false or train that method separately")
     return problems
+
+
+def _label_problems(specs: tuple[MethodSpec, ...]) -> list[str]:
+    problems = [] if specs else ["methods: at least one method is required (e.g. `- name: thanora`)"]
+    labels = [m.label for m in specs]
+    if len(set(labels)) != len(labels):
+        problems.append(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
+    return problems + [f"methods[{label}].label: {label!r} is reserved ({RESERVED_LABELS[label]}); give the method "
+                       "another `label`" for label in labels if label in RESERVED_LABELS]
 
 
 def ineffective_settings(cfg: RunConfig) -> list[str]:
@@ -263,6 +265,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if "tasks" not in data:
         problems.append("tasks: missing; list at least one task, e.g. `tasks: [{name: csqa, source: csqa}]`")
     if problems:
+        if "methods" in kwargs:  # the rules on labels need no other section: said now too
+            problems += _label_problems(kwargs["methods"])
         raise ConfigError("\n".join(problems))
     return RunConfig(**kwargs)
 
