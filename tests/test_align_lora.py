@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from conftest import random_batch, tiny_gpt2, tiny_llama
 from test_train import collate_features, learnable_llama, synthetic_features
-from thanora.data.tasks import DataConfig, MixtureSampler
+from thanora.data.mixture import MixtureSampler
+from thanora.data.tasks import DataConfig
 from thanora.experiment.config import load_config
 from thanora.methods.align_lora import (
     ALIGN_LORA,

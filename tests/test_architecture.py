@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": {"core", "artifacts", "methods.base"},
     "methods": {"core", "adapters", "artifacts"},
     "evaluation": {"data"},
-    "training": {"artifacts", "methods.base"},
+    "training": {"artifacts", "adapters", "methods.base"},
     "experiment": {"artifacts", "assets", "core", "data", "adapters", "methods", "evaluation", "training", "thanora"},
     "cli": {"experiment", "artifacts", "assets", "methods", "training"},
     "thanora": {"core", "adapters", "methods"},

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from thanora.data.tasks import DataConfig, MixtureSampler, TaskConfig, build_task
+from thanora.data.mixture import MixtureSampler
+from thanora.data.tasks import DataConfig, TaskConfig, build_task
 
 
 def _jsonl(path: Path, n: int) -> str:
@@ -75,6 +77,59 @@ def test_stratified_batches_hold_every_task() -> None:
         assert tasks == {0, 1, 2} and len(batch) == 6
     with pytest.raises(ValueError, match="batch_size"):
         MixtureSampler([5, 5, 5], batch_size=2, data=DataConfig(stratified=True), seed=0)
+
+
+def _lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(5, 200) for _ in range(n)]
+
+
+def _padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("sampling", ["proportional", "uniform", "temperature"])
+def test_length_grouping_keeps_the_epochs_samples_and_cuts_padding(sampling: str) -> None:
+    sizes, lengths = [300, 120], _lengths(420)
+    plain = MixtureSampler(sizes, 8, DataConfig(sampling=sampling), seed=1)
+    grouped = MixtureSampler(sizes, 8, DataConfig(sampling=sampling, group_by_length=True, length_window=64), seed=1,
+                             lengths=lengths)
+    for epoch in (0, 1):
+        a, b = plain.batches(epoch), grouped.batches(epoch)
+        assert Counter(i for x in a for i in x) == Counter(i for x in b for i in x)  # the same draws, each as often
+        assert len(b) == len(a) == len(grouped) and sum(len(x) < 8 for x in b) <= 1  # one partial batch at most
+        assert _padding(b, lengths) < 0.35 * _padding(a, lengths)
+        assert grouped.batches(epoch) == b  # seeded: a resumed run sees the same batches
+    assert grouped.batches(0) != grouped.batches(1)
+
+
+def test_length_grouping_keeps_stratified_shares() -> None:
+    sizes, lengths = [60, 25, 40], _lengths(125, seed=2)
+    offsets = [0, 60, 85, 125]
+
+    def shares(batches: list[list[int]]) -> list[Counter]:
+        return [Counter(next(t for t in range(3) if offsets[t] <= i < offsets[t + 1]) for i in b) for b in batches]
+
+    plain = MixtureSampler(sizes, 6, DataConfig(stratified=True), seed=4)
+    grouped = MixtureSampler(sizes, 6, DataConfig(stratified=True, group_by_length=True, length_window=36), seed=4,
+                             lengths=lengths)
+    a, b = plain.batches(0), grouped.batches(0)
+    assert sorted(map(sorted, (c.items() for c in shares(a)))) == sorted(map(sorted, (c.items() for c in shares(b))))
+    assert all(set(c) == {0, 1, 2} for c in shares(b))
+    assert Counter(i for x in a for i in x) == Counter(i for x in b for i in x)
+    assert _padding(b, lengths) < _padding(a, lengths)
+
+
+def test_grouping_without_lengths_is_refused_and_off_keeps_the_old_order() -> None:
+    with pytest.raises(ValueError, match="length of every training feature"):
+        MixtureSampler([4, 4], 2, DataConfig(group_by_length=True), seed=0)
+    # off (the default): exactly the batches the sampler made before the option existed (printed by that version)
+    assert MixtureSampler([7, 3], 4, DataConfig(), seed=0, lengths=[1] * 10).batches(0) == \
+        [[7, 8, 1, 5], [3, 4, 2, 0], [9, 6]]
+    assert MixtureSampler([7, 3], 4, DataConfig(sampling="uniform"), seed=2).batches(1) == \
+        [[9, 7, 6, 8], [8, 7, 9, 8], [2, 7]]
+    assert MixtureSampler([5, 4], 3, DataConfig(stratified=True), seed=1).batches(0) == \
+        [[3, 0, 6], [2, 1, 5], [4, 7, 8]]
 
 
 def test_data_config_validation() -> None:

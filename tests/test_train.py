@@ -335,7 +335,7 @@ def test_accelerator_must_match_the_config(features: list[dict[str, Any]]) -> No
 @pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED, "DistributedType.FSDP", "FSDP",
                                   "MEGATRON_LM"])
 def test_sharded_training_is_refused(kind: DistributedType | str) -> None:
-    from thanora.training.train import check_sharding
+    from thanora.training.distributed import check_sharding
 
     with pytest.raises(ValueError, match=r"sharded training .* not supported.*DDP"):
         check_sharding(kind)
@@ -343,7 +343,7 @@ def test_sharded_training_is_refused(kind: DistributedType | str) -> None:
 
 @pytest.mark.parametrize("kind", [DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO])
 def test_ddp_and_one_device_are_allowed(kind: DistributedType) -> None:
-    from thanora.training.train import check_sharding
+    from thanora.training.distributed import check_sharding
 
     check_sharding(kind)
 

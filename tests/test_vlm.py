@@ -272,8 +272,12 @@ def test_mixed_batch_forward_equals_one_sample_at_a_time(tmp_path: Path) -> None
             torch.testing.assert_close(logits[b, :n], model(**alone).logits[0], rtol=0, atol=1e-5)
     data = TaskData(task, examples, examples, examples, {})
     calib = calibration_batches(data, tok, DataConfig(max_length=64, calibration_batch_size=2), "cpu", processor)
-    assert [set(b) for b in calib] == [{"input_ids", "attention_mask", "pixel_values"}, {"input_ids", "attention_mask"}]
-    assert calib[0]["pixel_values"].shape == (2, 3, 32, 32)
+    # batched shortest first (the text example), each batch with the pixel values of its image examples
+    assert [b["input_ids"].shape[0] for b in calib] == [2, 1]
+    for b in calib:
+        images = int((b["input_ids"] == LLAVA_IMAGE_TOKEN).any(1).sum())
+        assert b.get("pixel_values", torch.zeros(0, 3, 32, 32)).shape == (images, 3, 32, 32)
+    assert sum(int((b["input_ids"] == LLAVA_IMAGE_TOKEN).any(1).sum()) for b in calib) == 2
 
 
 # ----------------------------------------------------------------------------------------------- the whole run

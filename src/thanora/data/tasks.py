@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +126,10 @@ class DataConfig:
         sampling_temperature: T of temperature sampling.
         stratified: every batch holds examples of every task (needed by Align-LoRA).
         calibration_batch_size: batch size of the calibration forward passes.
+        group_by_length: batches of samples of similar length (`thanora.data.mixture`): less padding, the same
+            samples per epoch, but each batch tends to hold fewer tasks when their lengths differ; off by default.
+        length_window: samples sorted together by ``group_by_length`` (a few hundred: long enough to group, short
+            enough to keep the order random).
         seed: seed of the splits.
     """
 
@@ -137,6 +139,8 @@ class DataConfig:
     sampling_temperature: float = 2.0
     stratified: bool = False
     calibration_batch_size: int = 8
+    group_by_length: bool = False
+    length_window: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +152,8 @@ class DataConfig:
             raise ValueError("data.max_length must be >= 8")
         if self.calibration_batch_size < 1:
             raise ValueError("data.calibration_batch_size must be >= 1")
+        if self.length_window < 1:
+            raise ValueError("data.length_window must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -276,9 +282,12 @@ def calibration_batches(
     """The task's calibration samples (prompt + answer, exactly as in training) as padded batches on ``device``.
 
     Batches of image examples carry the processor's outputs (``pixel_values``...), so the calibration forward passes
-    see the images as training does.
+    see the images as training does. Samples are batched in order of length (shortest first).
     """
     features = encode_examples(task.calibration, task.config, tokenizer, data, task_id=0, processor=processor)
+    # Sorted by length: less padding in every forward pass; the statistics sum over tokens and exclude padding, so
+    # the order changes them by float rounding only.
+    features.sort(key=lambda f: len(f["input_ids"]))
     batches = []
     for start in range(0, len(features), data.calibration_batch_size):
         chunk = [{k: v for k, v in f.items() if k != "task_id"}
@@ -286,75 +295,3 @@ def calibration_batches(
         batch = collate(chunk, tokenizer.pad_token_id)
         batches.append({k: v.to(device) for k, v in batch.items() if k != "labels"})
     return batches
-
-
-class MixtureSampler:
-    """Batches of indices into the concatenation of the tasks' training features, deterministic per epoch.
-
-    ``proportional`` visits every example once per epoch; ``uniform`` and ``temperature`` draw each sample's task
-    with p_t (uniform, or ∝ n_t^(1/T)) and cycle through that task's shuffled examples, for the same number of
-    samples per epoch. With ``stratified`` every batch holds ⌊B/T⌋ or ⌈B/T⌉ samples of every task.
-
-    Args:
-        task_sizes: number of training features per task, in task order.
-        batch_size: samples per batch.
-        data: sampling settings.
-        seed: base seed (the epoch is mixed in).
-    """
-
-    def __init__(self, task_sizes: Sequence[int], batch_size: int, data: DataConfig, seed: int) -> None:
-        if any(n < 1 for n in task_sizes):
-            raise ValueError(f"every task needs at least one training example, got sizes {list(task_sizes)}")
-        if data.stratified and batch_size < len(task_sizes):
-            raise ValueError(f"stratified batches need batch_size >= number of tasks ({len(task_sizes)})")
-        self.sizes = list(task_sizes)
-        self.offsets = [sum(self.sizes[:t]) for t in range(len(self.sizes))]
-        self.batch_size = batch_size
-        self.data = data
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return math.ceil(sum(self.sizes) / self.batch_size)
-
-    def probabilities(self) -> list[float]:
-        """Per-task sampling probability p_t."""
-        if self.data.sampling == "uniform":
-            weights = [1.0] * len(self.sizes)
-        elif self.data.sampling == "temperature":
-            weights = [n ** (1.0 / self.data.sampling_temperature) for n in self.sizes]
-        else:
-            weights = [float(n) for n in self.sizes]
-        total = sum(weights)
-        return [w / total for w in weights]
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` (global feature indices)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        streams = [self._stream(t, rng) for t in range(len(self.sizes))]
-        total = sum(self.sizes)
-        if self.data.stratified:
-            return self._stratified(streams, rng)
-        if self.data.sampling == "proportional":
-            order = list(range(total))
-            rng.shuffle(order)
-        else:
-            tasks = rng.choices(range(len(self.sizes)), weights=self.probabilities(), k=total)
-            order = [next(streams[t]) for t in tasks]
-        return [order[i:i + self.batch_size] for i in range(0, total, self.batch_size)]
-
-    def _stratified(self, streams: list[Iterator[int]], rng: random.Random) -> list[list[int]]:
-        n_tasks = len(self.sizes)
-        batches = []
-        for _ in range(len(self)):
-            share = [self.batch_size // n_tasks + (1 if t < self.batch_size % n_tasks else 0) for t in range(n_tasks)]
-            rng.shuffle(share)
-            batch = [next(streams[t]) for t in range(n_tasks) for _ in range(max(1, share[t]))]
-            batches.append(batch)
-        return batches
-
-    def _stream(self, task: int, rng: random.Random) -> Iterator[int]:
-        local = list(range(self.sizes[task]))
-        while True:
-            rng.shuffle(local)
-            for i in local:
-                yield self.offsets[task] + i

@@ -32,8 +32,8 @@ from torch import nn
 from thanora.adapters.merge import merge_adapter_into
 from thanora.artifacts import read_json, write_json
 from thanora.data.formats import collate
+from thanora.data.mixture import MixtureSampler
 from thanora.data.tasks import (
-    MixtureSampler,
     TaskData,
     build_task,
     calibration_batches,
@@ -54,7 +54,8 @@ from thanora.experiment.models import (
 from thanora.experiment.plots import plot_run
 from thanora.methods.base import Method, MethodContext
 from thanora.methods.registry import get_method
-from thanora.training.train import check_sharding, make_accelerator, train
+from thanora.training.distributed import check_sharding, make_accelerator
+from thanora.training.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,8 @@ def train_loader(state: RunState, tokenizer: Any, rank: int = 0, world: int = 1,
         for task_id, task in enumerate(state.tasks)
         for f in encode_examples(task.train, task.config, tokenizer, cfg.data, task_id, state.processor)
     ]
-    sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, data, cfg.seed)
+    sampler = MixtureSampler([len(t.train) for t in state.tasks], cfg.train.batch_size * world, data, cfg.seed,
+                             lengths=[len(f["input_ids"]) for f in features])
 
     def factory(epoch: int) -> list[dict[str, torch.Tensor]]:
         return [collate([features[i] for i in batch[rank::world]], tokenizer.pad_token_id)
