@@ -117,14 +117,18 @@ def test_spr_loss_is_the_sum_over_modules() -> None:
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_batched_spr_loss_equals_the_weighted_per_module_loop_with_gradients() -> None:
-    """spr_loss batches the element-wise work over modules; value and gradients equal Σ weight · spr_penalty per
-    module (spr_normalization init: per-module weights), also after the model moves to float64."""
+@pytest.mark.parametrize(("n_tasks", "rank"), [(2, 8), (3, 8), (4, 12), (2, 5)])
+def test_batched_spr_loss_equals_the_weighted_per_module_loop_with_gradients(n_tasks: int, rank: int) -> None:
+    """spr_loss forms only the cross-task products, batched over modules of one layout; value and gradients equal
+    Σ weight · spr_penalty per module (spr_normalization init: per-module weights), also after the model moves to
+    float64."""
     from thanora.core.regularizers import spr_penalty
 
-    calib = {f"t{i}": [random_batch(i)] for i in range(3)}
-    model = thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=8, spr_normalization="init"),
+    calib = {f"t{i}": [random_batch(i)] for i in range(n_tasks)}
+    model = thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=rank, spr_normalization="init"),
                                   progress=False).double()
+    layouts = {tuple(table.values()) for table in thanora.adapter_of(model).blocks.values()}
+    assert len(layouts) > 1 or rank == 5  # several groups of modules, so the grouping is exercised
     adapter = thanora.adapter_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     batched = thanora.spr_loss(model)

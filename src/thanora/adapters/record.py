@@ -4,8 +4,8 @@ A method with per-model state (ThanoRA's block tables and initial factors, DARE'
 activation capture) attaches one record with `attach_record` and reads it back with `find_record`; no other code sets
 attributes on a model. The records live in one plain dict in the model's ``__dict__`` under `RECORDS` (not a
 submodule, buffer or parameter: invisible to ``state_dict``, ``named_modules`` and PEFT), keyed by the record's type,
-so they follow the model through ``copy.deepcopy``. DDP / accelerate wrappers are looked through with accelerate's
-`extract_model_from_parallel`.
+so they follow the model through ``copy.deepcopy``. DDP / DataParallel / ``torch.compile`` wrappers are looked
+through (`unwrap`).
 
 This module also holds ThanoRA's record, `ThanoraAdapter`, and the accessors of its live factors (`lora_factors`,
 `spr_terms`): a leaf below the injection (`thanora.adapters.layers`), the export and the save/unload policy, which all
@@ -15,15 +15,15 @@ read it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from thanora.core.allocation import RankPlan
 from thanora.core.hasi_config import ThanoraConfig
-from thanora.core.regularizers import task_pair_mask
+from thanora.core.regularizers import SprGroup, later_task_spans, task_end, task_pair_mask
 from thanora.core.targets import Target
 
 ADAPTER_NAME = "default"  # PEFT's adapter name of ThanoRA's single LoRA adapter
@@ -33,8 +33,19 @@ R = TypeVar("R")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """``model`` without its DDP / DataParallel / ``torch.compile`` wrapper (accelerate's own unwrapping)."""
-    return extract_model_from_parallel(model)
+    """``model`` without its DDP / DataParallel / ``torch.compile`` wrappers.
+
+    Not accelerate's ``extract_model_from_parallel``, which does the same and then scans every submodule for
+    compiled regions on each call (2 ms on SmolLM2, measured): this runs on every training step, through the records
+    of the methods' regularisers.
+    """
+    while True:
+        if isinstance(model, DistributedDataParallel | DataParallel):
+            model = model.module
+        elif isinstance(model.__dict__.get("_orig_mod"), nn.Module):  # torch.compile's OptimizedModule
+            model = model.__dict__["_orig_mod"]
+        else:
+            return model
 
 
 def attach_record(model: nn.Module, record: object) -> None:
@@ -82,25 +93,28 @@ class ThanoraAdapter:
     base_model_name_or_path: str | None
     spr_weights: dict[str, float]
     layers: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
-    _gram_weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(
+    _spr_groups: dict[tuple[torch.device, torch.dtype], list[tuple[str, tuple[str, ...], torch.Tensor]]] = field(
         default_factory=dict, repr=False, compare=False)
 
     def spr_mask(self, name: str) -> torch.Tensor:
         """The (n, n) boolean task-pair mask of module ``name`` (n = end of its last task block)."""
         return task_pair_mask(self.blocks[name], self.plan.tasks)
 
-    def gram_weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(M, R, R): each module's SPR weight on its task-pair mask, zero elsewhere, in target order; built once per
-        device and dtype (in float64 first: a normalised weight can be ~1e-14)."""
+    def spr_groups(self, device: torch.device, dtype: torch.dtype) -> list[tuple[str, tuple[str, ...], torch.Tensor]]:
+        """``(kind, module names, weights (g,))`` per group of modules whose ``kind`` factor ("A" or "B") has the
+        same shape and task blocks (`thanora.core.regularizers.SprGroup`); built once per device and dtype."""
         key = (device, dtype)
-        if key not in self._gram_weights:
-            rank = self.config.rank
-            stack = torch.zeros(len(self.targets), rank, rank, dtype=torch.float64)
-            for i, name in enumerate(self.targets):
-                mask = self.spr_mask(name)
-                stack[i, : mask.shape[0], : mask.shape[1]] = self.spr_weights[name] * mask.to(torch.float64)
-            self._gram_weights[key] = stack.to(device=device, dtype=dtype)
-        return self._gram_weights[key]
+        if key not in self._spr_groups:
+            tasks = self.plan.tasks
+            members: dict[tuple[Any, ...], list[str]] = {}
+            for name, target in self.targets.items():
+                layout = tuple(self.blocks[name][t] for t in tasks)
+                members.setdefault(("A", target.d_in, layout), []).append(name)
+                members.setdefault(("B", target.d_out, layout), []).append(name)
+            self._spr_groups[key] = [
+                (kind, tuple(names), torch.tensor([self.spr_weights[n] for n in names], dtype=torch.float64).to(
+                    device=device, dtype=dtype)) for (kind, _, _), names in members.items()]
+        return self._spr_groups[key]
 
 
 def adapter_of(model: nn.Module) -> ThanoraAdapter:
@@ -123,11 +137,15 @@ def lora_factors(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tenso
     return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
 
 
-def spr_terms(model: nn.Module) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Every target's live ``(lora_A, lora_B)`` in target order and the (M, R, R) weights of their Gram entries
-    (`ThanoraAdapter.gram_weights`, on the factors' device and dtype): what `thanora.spr_loss` needs."""
+def spr_groups(model: nn.Module) -> list[SprGroup]:
+    """The live factors of every target, grouped for `thanora.core.regularizers.grouped_spr` (what
+    `thanora.spr_loss` computes), without resolving module names on every training step."""
     adapter = adapter_of(model)
-    factors = [(layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight)
-               for layer in adapter.layers.values()]
-    A = factors[0][0]
-    return factors, adapter.gram_weights(A.device, A.dtype)
+    first = next(iter(adapter.layers.values())).lora_A[ADAPTER_NAME].weight
+    groups = []
+    for kind, names, weights in adapter.spr_groups(first.device, first.dtype):
+        table = adapter.blocks[names[0]]
+        factors = tuple(lora_factors(model, n)[0 if kind == "A" else 1] for n in names)
+        groups.append(SprGroup(kind, factors, later_task_spans(table, adapter.plan.tasks),
+                               task_end(table, adapter.plan.tasks), weights))
+    return groups

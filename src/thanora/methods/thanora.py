@@ -21,12 +21,12 @@ from torch import Tensor, nn
 
 from thanora.adapters.export import export_adapter
 from thanora.adapters.layers import inject_
-from thanora.adapters.record import adapter_of, lora_factors, spr_terms
+from thanora.adapters.record import adapter_of, lora_factors, spr_groups
 from thanora.core.allocation import RankPlan, allocate_ranks, min_budget, normalized_entropy
 from thanora.core.covariance import Batch, collect_covariances
 from thanora.core.hasi_config import ThanoraConfig
 from thanora.core.initialize import hasi_factors
-from thanora.core.regularizers import block_overlap
+from thanora.core.regularizers import block_overlap, grouped_spr
 from thanora.core.spectra import Spectrum, decompose_task, load_spectra, save_spectra
 from thanora.core.targets import Target, check_rank, find_targets, weight_matrix
 from thanora.methods.base import Method, MethodContext
@@ -138,13 +138,10 @@ def spr_loss(model: nn.Module) -> torch.Tensor:
     gradient-accumulation steps. A single task gives zero. With ``spr_normalization="init"`` each module's term is
     divided by its value at initialisation.
     """
-    factors, weights = spr_terms(model)
-    # The same sum as Σ_modules spr_weight · spr_penalty(A, B, mask) (tested), with the element-wise part batched
-    # over modules: a handful of kernels per step instead of ~15 per module (the per-module loop cost ~9 % of a
-    # SmolLM2 training step on CPU, almost all of it dispatch overhead; benchmarks/train_cost.py).
-    gram_B = torch.stack([B.T @ B for _, B in factors])  # (M, R, R)
-    gram_A = torch.stack([A @ A.T for A, _ in factors])
-    return ((gram_B.square() + gram_A.square()) * weights.to(gram_B.dtype)).sum()
+    # The same sum as Σ_modules spr_weight · spr_penalty(A, B, mask) (tested), from the cross-task products only and
+    # batched over modules of the same layout (`grouped_spr`). SmolLM2, 2 tasks, 2 CPU cores, forward + backward:
+    # 25 -> see benchmarks/results/throughput.md.
+    return grouped_spr(spr_groups(model))
 
 
 def _check_tasks(calibration: TaskBatches) -> None:
