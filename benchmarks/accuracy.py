@@ -5,12 +5,25 @@ For each method (and the ablation LoRA / HASI only / HASI + SPR) on the 2-task (
 
 1. learning-rate sweep: every method gets the same grid (``--lrs``), trained on the training split minus a held-out
    dev slice and scored on that dev slice (never on the evaluation split); the best dev average wins (a tie: the
-   lowest rate);
-2. final runs: every method at its chosen rate, ``--seeds`` training seeds (adapter init and batch order; the data
-   splits stay fixed so every run answers the same questions), same data, steps, rank budget and loop;
+   lowest rate); a method whose best rate is at an edge of the grid gets the next rate beyond it (half a decade),
+   until its best lies inside (``--extend``);
+2. final runs: every method at its chosen rate (one run per seed, each method with its own ``train.lr``),
+   ``--seeds`` training seeds (adapter init and batch order; the data splits stay fixed so every run answers the
+   same questions), same data, steps, rank budget and loop;
 3. the table: per-task and average accuracy (mean ± std over seeds), the base model's zero-shot score, and for each
    method a paired bootstrap 95 % confidence interval of its difference to LoRA on the same questions (per-question
-   correctness averaged over seeds; for the average, every task's questions resampled independently).
+   correctness averaged over seeds; for the average, every task's questions resampled independently); two views of
+   the same runs: each method at its own best rate (the fair one, on the evaluation questions) and every method at
+   each shared rate of the grid (the paper's protocol, on the dev questions of the sweep).
+
+The ``small`` scale (CPU hours, the deciding table) trains at least ``min_steps`` (250) optimiser steps at batch 8 on
+up to 1,000 training examples per task and scores the largest evaluation splits there are (CSQA 321, OBQA test 500,
+ARC-Easy test 1,000, BoolQ 1,000); its methods are LoRA, ThanoRA (HASI + SPR), HASI only, CorDA and single-task LoRA
+(one adapter per task, trained on that task alone with the same per-task examples and as many passes over them, each
+scored on its own task; the row ``lora_single``), and ``--methods`` adds the others. With ``--effects`` every final
+run also measures what the adapter costs the model elsewhere (`model_effects`: KL to the base model on held-out plain
+text, the score on HellaSwag, which no method trains on) and, for ThanoRA, which task each block carries (seed 0:
+the T × T accuracy drop when one task's block is reset to its initial factors).
 
 Answer formats where training moves a 135M model: CSQA / OBQA / BoolQ ranked (option text scored by length-normalised
 log-likelihood); ARC-Easy in the letter format (paper style) in the 4-task mixture, which a 135M model barely moves:
@@ -44,8 +57,11 @@ RUNS = Path(__file__).parent.parent / "runs" / "benchmarks" / "accuracy"
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"n_train": 128, "n_dev": 32, "n_eval": 200, "n_calibration": 32, "rank": 16, "lrs": [3e-4, 1e-3],
              "batch_size": 8, "epochs": 1},
-    "small": {"n_train": 400, "n_dev": 100, "n_eval": 300, "n_calibration": 64, "rank": 32,
-              "lrs": [1e-4, 3e-4, 1e-3], "batch_size": 8, "epochs": 1},
+    "small": {"n_train": 1000, "n_dev": 100, "n_eval": 1000, "n_calibration": 64, "rank": 16,
+              "lrs": [3e-5, 1e-4, 3e-4, 1e-3], "batch_size": 8, "epochs": 1, "min_steps": 250,
+              # per task (training examples, evaluation questions): the largest splits there are
+              "tasks": {"csqa": (900, 321), "obqa": (500, 500), "arc_easy": (570, 1000), "boolq": (1000, 1000)},
+              "methods": ["lora", "thanora", "hasi_only", "corda", "lora_single"]},
     "full": {"n_train": 900, "n_dev": 100, "n_eval": 300, "n_calibration": 128, "rank": 64,
              "lrs": [5e-5, 1e-4, 2e-4, 5e-4], "batch_size": 8, "epochs": 2},
 }
@@ -57,6 +73,9 @@ MIXTURES: dict[int, list[tuple[str, str, str, str | None]]] = {
 }
 
 
+# Half-decade steps of the rate grid (extensions beyond an edge go one step further).
+RATE_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SINGLE = "lora_single"  # the row of single-task LoRA: one adapter per task, entries lora_single_<task>
 MTLORA_GROUPS = {16: 4, 32: 8, 64: 18, 128: 36}  # divisors of SmolLM2's hidden size 576 close to 18·R/64
 
 
@@ -79,6 +98,7 @@ def method_entries(rank: int) -> list[dict[str, Any]]:
         {"name": "mtlora", "rank": quarter, "n_heads": 16, "groups": MTLORA_GROUPS.get(rank, 18)},
         {"name": "thanora", "label": "hasi_only", "rank": rank, "spr_lambda": 0.0, "lora_dropout": 0.0},
         {"name": "thanora", "rank": rank, "spr_lambda": 1e-3, "spr_normalization": "init", "lora_dropout": 0.0},
+        {"name": "lora", "label": SINGLE, "rank": rank},  # expanded per task by `expand_single`
     ]
 
 
@@ -96,36 +116,85 @@ def param_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
+def task_sizes(scale: dict[str, Any], name: str) -> tuple[int, int]:
+    """(training examples, evaluation questions) of task ``name``: the scale's per-task sizes, capped by
+    ``--n-train`` / ``--n-eval``, else its common ones."""
+    n_train, n_eval = scale.get("tasks", {}).get(name, (scale["n_train"], scale["n_eval"]))
+    return min(n_train, scale["n_train"]), min(n_eval, scale["n_eval"])
+
+
 def task_configs(mixture: int, scale: dict[str, Any], dev: bool) -> list[dict[str, Any]]:
     """The mixture's tasks; ``dev`` = train on the training slice minus its last ``n_dev`` examples and evaluate on
     those (the same seeded permutation, so the dev slice lies inside the final runs' training data)."""
     out = []
     for name, source, fmt, eval_split in MIXTURES[mixture]:
+        n_train, n_eval = task_sizes(scale, name)
         if dev:
             out.append({"name": name, "source": source, "answer_format": fmt,
-                        "n_train": scale["n_train"] - scale["n_dev"], "n_eval": scale["n_dev"],
+                        "n_train": n_train - scale["n_dev"], "n_eval": scale["n_dev"],
                         "n_calibration": scale["n_calibration"]})
         else:
             out.append({"name": name, "source": source, "answer_format": fmt, "eval_source_split": eval_split,
-                        "n_train": scale["n_train"], "n_eval": scale["n_eval"],
-                        "n_calibration": scale["n_calibration"]})
+                        "n_train": n_train, "n_eval": n_eval, "n_calibration": scale["n_calibration"]})
+    return out
+
+
+def steps_of(tasks: list[dict[str, Any]], scale: dict[str, Any]) -> int | None:
+    """``max_steps`` of a run: enough epochs for ``min_steps`` optimiser steps (None: the scale's epochs)."""
+    if "min_steps" not in scale:
+        return None
+    per_epoch = -(-sum(t["n_train"] for t in tasks) // scale["batch_size"])
+    return max(scale["min_steps"], per_epoch * scale["epochs"])
+
+
+def expand_single(entries: list[dict[str, Any]], tasks: list[dict[str, Any]], steps: int | None
+                  ) -> list[dict[str, Any]]:
+    """``lora_single`` becomes one LoRA per task (``lora_single_<task>``, trained on that task alone), each with as
+    many optimiser steps as its share of the mixture's examples gets in the multi-task run (the same passes over the
+    same examples); other entries unchanged."""
+    out = []
+    total = sum(t["n_train"] for t in tasks)
+    for entry in entries:
+        if entry.get("label") != SINGLE:
+            out.append(entry)
+            continue
+        for task in tasks:
+            single = {k: v for k, v in entry.items() if k != "label"}
+            single |= {"label": f"{SINGLE}_{task['name']}", "tasks": [task["name"]]}
+            if steps is not None:
+                share = max(1, round(steps * task["n_train"] / total))
+                single["train"] = {**entry.get("train", {}), "max_steps": share}
+            out.append(single)
     return out
 
 
 def run_config(tasks: list[dict], methods: list[dict], lr: float, seed: int, scale: dict[str, Any], mixture: int,
                device: str, evaluate_base: bool) -> dict[str, Any]:
-    """A ``thanora run`` config (plain data)."""
+    """A ``thanora run`` config (plain data). The 2-task mixture trains on length-grouped batches (the faster loop:
+    CSQA and OBQA have similar lengths, so batches stay mixed); the 4-task mixture does not (BoolQ's passages would
+    make most batches single-task)."""
+    steps = steps_of(tasks, scale)
     return {
         "model": {"name_or_path": "smollm2", "device": device},
         "tasks": tasks,
-        "data": {"max_length": 320 if mixture == 4 else 160, "seed": 0},
-        "methods": methods,
+        "data": {"max_length": 320 if mixture == 4 else 160, "seed": 0, "group_by_length": mixture == 2},
+        "methods": expand_single(methods, tasks, steps),
         "train": {"epochs": scale["epochs"], "batch_size": scale["batch_size"], "grad_accum": 1, "lr": lr,
-                  "seed": seed, "log_every": 4},
+                  "seed": seed, "log_every": 4, "save_every": 50, **({"max_steps": steps} if steps else {})},
         "eval": {"batch_size": 32},
-        "output": {"adapter": False, "merged": False, "plots": False, "evaluate_base": evaluate_base},
+        "output": {"adapter": bool(scale.get("effects")), "merged": False, "plots": False,
+                   "evaluate_base": evaluate_base},
         "seed": seed,
     }
+
+
+def with_rates(entries: list[dict[str, Any]], chosen: dict[str, float]) -> list[dict[str, Any]]:
+    """Each entry with its chosen rate as its own ``train.lr`` (single-task entries by their row's label)."""
+    out = []
+    for entry in entries:
+        label = entry.get("label", entry["name"])
+        out.append({**entry, "train": {**entry.get("train", {}), "lr": chosen[label]}})
+    return out
 
 
 def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -202,10 +271,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     choice.add_argument("--lr", type=float,
                         help="one learning rate for every method, no sweep: a sensitivity table, not a tuned one "
                              "(written to accuracy_<mixture>task_<scale>_lr<LR> unless --out)")
-    parser.add_argument("--methods", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--methods", nargs="*", help="labels to run (default: the scale's, else all)")
     parser.add_argument("--rank", type=int, help="rank budget (default: the scale's)")
-    parser.add_argument("--n-train", type=int, help="training examples per task (default: the scale's)")
-    parser.add_argument("--n-eval", type=int, help="evaluation examples per task (default: the scale's)")
+    parser.add_argument("--n-train", type=int, help="training examples per task, at most (default: the scale's)")
+    parser.add_argument("--n-eval", type=int, help="evaluation examples per task, at most (default: the scale's)")
+    parser.add_argument("--min-steps", type=int, help="optimiser steps at least (default: the scale's)")
+    parser.add_argument("--extend", type=int, default=2,
+                        help="times a method whose best rate is at an edge of the grid gets the next rate beyond it")
+    parser.add_argument("--effects", action="store_true",
+                        help="also measure KL to the base on plain text, the unseen-task score and (ThanoRA, seed 0) "
+                             "the block ablation of every final run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -213,61 +288,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in ("rank", "n_train", "n_eval"):
         scale[key] = getattr(args, key) or scale[key]
     scale["n_dev"] = min(scale["n_dev"], scale["n_train"] // 4)
+    scale["effects"] = args.effects
+    if args.min_steps:
+        scale["min_steps"] = args.min_steps
     lrs = args.lrs or scale["lrs"]
-    entries = [e for e in method_entries(scale["rank"])
-               if not args.methods or e.get("label", e["name"]) in args.methods]
+    wanted = args.methods or scale.get("methods")
+    entries = [e for e in method_entries(scale["rank"]) if not wanted or e.get("label", e["name"]) in wanted]
     root = RUNS / f"{args.mixture}task_{args.scale}_r{scale['rank']}_n{scale['n_train']}-{scale['n_eval']}"
     out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}{f'_lr{args.lr:g}' if args.lr else ''}"
     started = time.time()
+    dev_tasks, eval_tasks = task_configs(args.mixture, scale, True), task_configs(args.mixture, scale, False)
+    rows_of = {e.get("label", e["name"]): [x.get("label", x["name"]) for x in expand_single([e], eval_tasks, None)]
+               for e in entries}  # row -> the run labels it reads (lora_single -> one per task)
 
     # 1. learning rate per method: a sweep on the dev slice (one run per rate holding every method), or an earlier one
-    labels = [e.get("label", e["name"]) for e in entries]
+    labels = list(rows_of)
     folders: list[Path] = []  # the run folders this table reads
+    dev: dict[str, dict[float, dict[str, Any]]] = {}  # row -> lr -> dev metrics (per task) of its run labels
     if args.lr:
         sweep, chosen, lrs = {label: {} for label in labels}, dict.fromkeys(labels, args.lr), [args.lr]
     elif args.lrs_from:
         sweep, chosen, lrs = lrs_from(args.lrs_from, labels)
     else:
-        sweep = {}
-        for lr in lrs:
-            folders.append(root / f"sweep_lr{lr:g}")
-            metrics = run(run_config(task_configs(args.mixture, scale, True), entries, lr, 0, scale, args.mixture,
-                                     args.device, False), folders[-1])
-            for entry in entries:
-                label = entry.get("label", entry["name"])
-                sweep.setdefault(label, {})[lr] = metrics[label]["average"]
-            print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items()), flush=True)
+        sweep = {label: {} for label in labels}
+        todo = {lr: list(entries) for lr in lrs}
+        for _ in range(args.extend + 1):
+            for lr, group in sorted(todo.items()):
+                folders.append(root / f"sweep_lr{lr:g}")
+                metrics = run(run_config(dev_tasks, group, lr, 0, scale, args.mixture, args.device, False),
+                              folders[-1])
+                for entry in group:
+                    label = entry.get("label", entry["name"])
+                    dev.setdefault(label, {})[lr] = row_metrics(metrics, rows_of[label])
+                    sweep[label][lr] = dev[label][lr]["average"]
+                print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items() if lr in v),
+                      flush=True)
+            todo = edge_extensions(sweep, entries)
+            if not todo:
+                break
         # the best dev average; a tie goes to the lowest rate (the smaller step), whatever the grid's order
         chosen = {label: max(sorted(scores), key=scores.__getitem__) for label, scores in sweep.items()}
+        lrs = sorted({lr for scores in sweep.values() for lr in scores})
 
-    # 2. final runs: one run per (seed, chosen lr) holding the methods that chose it
+    # 2. final runs: one run per seed, every method at its own rate
     finals: dict[str, list[dict[str, Any]]] = {}
     base: dict[str, Any] | None = None
+    effects: dict[str, list[dict[str, Any]]] = {}
     for seed in args.seeds:
-        for lr in sorted(set(chosen.values())):
-            group = [e for e in entries if chosen[e.get("label", e["name"])] == lr]
-            folders.append(root / f"seed{seed}_lr{lr:g}")
-            metrics = run(run_config(task_configs(args.mixture, scale, False), group, lr, seed, scale, args.mixture,
-                                     args.device, base is None), folders[-1])
-            base = base or metrics.get("base")
-            for e in group:
-                finals.setdefault(e.get("label", e["name"]), []).append(metrics[e.get("label", e["name"])])
+        folders.append(root / f"seed{seed}")
+        metrics = run(run_config(eval_tasks, with_rates(entries, chosen), lrs[0], seed, scale, args.mixture,
+                                 args.device, base is None), folders[-1])
+        base = base or metrics.get("base")
+        for label in labels:
+            finals.setdefault(label, []).append(row_metrics(metrics, rows_of[label]))
+        if args.effects:
+            from model_effects import effects_of_run
+
+            for label, measured in effects_of_run(folders[-1], rows_of, seed == args.seeds[0], root).items():
+                effects.setdefault(label, []).append(measured)
         print(f"seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
-    # 3. aggregate, rows in the methods' order (the final runs went in rate groups)
-    finals = {label: finals[label] for label in labels}
+    # 3. aggregate, rows in the methods' order
     tasks = [t[0] for t in MIXTURES[args.mixture]]
     rows = {}
     per_question = {label: {t: np.mean([np.asarray(r[t]["correct"], dtype=float) for r in runs], axis=0)
                             for t in tasks} for label, runs in finals.items()}
     for label, runs in finals.items():
-        row = {"lr": chosen[label], "sweep": sweep[label], "n_seeds": len(runs)}
+        row: dict[str, Any] = {"lr": chosen[label], "sweep": sweep[label], "n_seeds": len(runs)}
         for t in [*tasks, "average"]:
             values = [r[t]["score"] if t != "average" else r["average"] for r in runs]
             row[t] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                       "values": values}
         if "lora" in per_question and label != "lora":
             row["vs_lora"] = bootstrap_diff(per_question[label], per_question["lora"])
+        if label in effects:
+            row["effects"] = summarize_effects(effects[label])
         rows[label] = row
     result = {
         "benchmark": "accuracy",
@@ -276,12 +371,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds, "methods": entries,
         "base": ({t: base[t]["score"] for t in tasks} | {"average": base["average"]}) if base else None,
         "n_eval": {t: len(next(iter(finals.values()))[0][t]["correct"]) for t in tasks},
+        "steps": steps_of(eval_tasks, scale),
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
         "run_minutes": round(run_seconds(folders) / 60, 1),
+        "shared_rate": shared_rate_view(dev, tasks) if dev else None,
+        "base_unseen": (json.loads((root / "base_unseen.json").read_text())["score"]
+                        if (root / "base_unseen.json").is_file() else None),
         "runs": str(root),
     }
     publish(out, result, render(result))
     return result
+
+
+def row_metrics(metrics: dict[str, Any], run_labels: list[str]) -> dict[str, Any]:
+    """A table row's metrics from a run's: its own label's, or for ``lora_single`` every task from its adapter."""
+    if len(run_labels) == 1:
+        return metrics[run_labels[0]]
+    out = {}
+    for label in run_labels:
+        out |= {t: v for t, v in metrics[label].items() if t != "average"}
+    return out | {"average": statistics.mean(v["score"] for v in out.values())}
+
+
+def edge_extensions(sweep: dict[str, dict[float, float]], entries: list[dict[str, Any]]
+                    ) -> dict[float, list[dict[str, Any]]]:
+    """``{rate: entries}`` still to sweep: for every method whose best rate is the lowest or highest it has tried,
+    the next rate of `RATE_LADDER` beyond it (none where the ladder ends)."""
+    todo: dict[float, list[dict[str, Any]]] = {}
+    for entry in entries:
+        scores = sweep[entry.get("label", entry["name"])]
+        tried = sorted(scores)
+        best = max(tried, key=scores.__getitem__)
+        step = -1 if best == tried[0] else 1 if best == tried[-1] else 0
+        if not step:
+            continue
+        position = min(range(len(RATE_LADDER)), key=lambda i: abs(np.log(RATE_LADDER[i] / best)))
+        if 0 <= position + step < len(RATE_LADDER) and RATE_LADDER[position + step] not in scores:
+            todo.setdefault(RATE_LADDER[position + step], []).append(entry)
+    return todo
+
+
+def shared_rate_view(dev: dict[str, dict[float, dict[str, Any]]], tasks: list[str]) -> dict[str, Any]:
+    """Every method at each shared rate of the sweep (the paper's protocol), on the dev questions: average accuracy
+    and the paired bootstrap difference to LoRA at the same rate."""
+    out: dict[str, Any] = {}
+    for label, by_rate in dev.items():
+        out[label] = {}
+        for lr, metrics in sorted(by_rate.items()):
+            cell: dict[str, Any] = {"average": metrics["average"]}
+            reference = dev.get("lora", {}).get(lr)
+            if reference is not None and label != "lora":
+                mine = {t: np.asarray(metrics[t]["correct"], dtype=float) for t in tasks}
+                theirs = {t: np.asarray(reference[t]["correct"], dtype=float) for t in tasks}
+                cell["vs_lora"] = bootstrap_diff(mine, theirs)["average"]
+            out[label][str(lr)] = cell
+    return out
+
+
+def summarize_effects(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of KL to the base model and of the unseen-task score; the ablation matrix where measured."""
+    out: dict[str, Any] = {}
+    for key in ("kl_base_tuned", "mean_abs_dlogit", "unseen_score"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[key] = {"mean": statistics.mean(values), "values": values}
+    ablation = next((r["ablation"] for r in runs if "ablation" in r), None)
+    if ablation:
+        out["ablation"] = ablation
+    return out
 
 
 def lr_sentence(result: dict[str, Any], scale: dict[str, Any]) -> str:
@@ -304,8 +461,8 @@ def render(result: dict[str, Any]) -> str:
         f"# Accuracy: {' + '.join(tasks)} ({result['meta']['args']['scale']} scale)", "",
         f"`{meta['command']}` on {meta['machine']['device']}, {meta['timestamp_utc']}, "
         f"{result.get('run_minutes', result['wall_minutes'])} min of runs. "
-        f"SmolLM2-135M-Instruct, rank budget {scale['rank']}, {scale['n_train']} training examples per task, "
-        f"{scale['epochs']} epoch(s), batch {scale['batch_size']}; evaluation questions per task: "
+        f"SmolLM2-135M-Instruct, rank budget {scale['rank']}, {training_sentence(result)}, batch "
+        f"{scale['batch_size']}; evaluation questions per task: "
         + ", ".join(f"{t} {n}" for t, n in result["n_eval"].items())
         + ". " + lr_sentence(result, scale) + " "
         "Cells: accuracy % mean ± std over seeds. Δ LoRA: paired bootstrap 95 % CI of the difference on the same "
@@ -333,7 +490,70 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 f"{100 * row['vs_lora'][t][0]:+.1f} [{100 * row['vs_lora'][t][1]:+.1f}, "
                 f"{100 * row['vs_lora'][t][2]:+.1f}]" for t in tasks) + " |")
-    return "\n".join(lines + sweep_table(result)) + "\n"
+    return "\n".join(lines + effects_table(result) + sweep_table(result) + shared_rate_table(result)) + "\n"
+
+
+def training_sentence(result: dict[str, Any]) -> str:
+    scale = result["scale"]
+    if "tasks" in scale:
+        sizes = ", ".join(f"{t} {task_sizes(scale, t)[0]}" for t in result["mixture"])
+        examples = f"training examples per task {sizes}"
+    else:
+        examples = f"{scale['n_train']} training examples per task"
+    steps = result.get("steps")
+    length = f"{steps} optimiser steps" if steps else f"{scale['epochs']} epoch(s)"
+    return f"{examples}, {length}"
+
+
+def effects_table(result: dict[str, Any]) -> list[str]:
+    """What each method costs the model elsewhere: KL to the base on held-out plain text, the unseen-task score;
+    and ThanoRA's block ablation."""
+    rows = {label: row["effects"] for label, row in result["rows"].items() if "effects" in row}
+    if not rows:
+        return []
+    lines = ["", "Off the tasks (mean over seeds): KL(base ‖ tuned) per token of held-out plain text (SciQ "
+             "support paragraphs), mean |Δ log-prob| per token and vocabulary entry, and HellaSwag accuracy "
+             "(300 questions, no method trains on it):", "",
+             "| method | KL to base (nats/token) | mean abs Δ log-prob | HellaSwag % |", "|---|---|---|---|"]
+    if result.get("base_unseen") is not None:
+        lines.append(f"| base (zero-shot) | 0 | 0 | {100 * result['base_unseen']:.1f} |")
+    for label, effects in rows.items():
+        lines.append(f"| {label} | {effects['kl_base_tuned']['mean']:.3f} | {effects['mean_abs_dlogit']['mean']:.3f} | "
+                     f"{100 * effects['unseen_score']['mean']:.1f} |")
+    for label, effects in rows.items():
+        if "ablation" in effects:
+            ab = effects["ablation"]
+            lines += ["", f"{label}, seed {result['seeds'][0]}: accuracy drop (points) on each task (columns) when one "
+                      "task's block is reset to its initial factors (rows):", "",
+                      "| block reset | " + " | ".join(ab["tasks"]) + " |", "|---|" + "---|" * len(ab["tasks"])]
+            for task, drops in zip(ab["tasks"], ab["drop"], strict=True):
+                lines.append(f"| {task} | " + " | ".join(f"{100 * d:+.1f}" for d in drops) + " |")
+    return lines
+
+
+def shared_rate_table(result: dict[str, Any]) -> list[str]:
+    """Every method at one shared rate (the paper's protocol), from the sweep's dev runs."""
+    view = result.get("shared_rate")
+    if not view:
+        return []
+    lrs = sorted({float(lr) for cells in view.values() for lr in cells})
+    lines = ["", "Every method at one shared rate (the paper's protocol; the sweep's dev questions): average accuracy "
+             "% and Δ LoRA at the same rate [95 % CI]:", "",
+             "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for label, cells in view.items():
+        out = []
+        for lr in lrs:
+            cell = cells.get(str(lr)) or cells.get(lr)
+            if cell is None:
+                out.append("–")
+                continue
+            text = f"{100 * cell['average']:.1f}"
+            if "vs_lora" in cell:
+                d, lo, hi = cell["vs_lora"]
+                text += f" ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+            out.append(text)
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return lines
 
 
 def sweep_table(result: dict[str, Any]) -> list[str]:

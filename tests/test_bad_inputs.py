@@ -458,3 +458,21 @@ def test_an_unreachable_hub_fails_at_once_with_what_is_available(box: Sandbox, m
     assert code == 2 and len(errors) == 1 and time.perf_counter() - start < 5
     assert "the Hub cannot be reached (ConnectionError); available offline: 'smollm2'" in errors[0]
     assert not (box.root / "run").exists()
+
+
+def test_resume_may_add_methods_and_then_describes_them_all(box: Sandbox, finished: Path) -> None:
+    """Adding a method on --resume trains only it; config.yaml then holds every method whose results are there.
+    Removing one is refused (its results would no longer be described)."""
+    _with_finished(box, finished)
+    run = box.root / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["methods"].append({"name": "lora", "label": "lora_more", "rank": 2})
+    extended = run / "extended.yaml"
+    extended.write_text(yaml.safe_dump(saved))
+    assert main(["run", str(extended), "--output-dir", str(run), "--resume", "-q", "--no-progress"]) == 0
+    labels = [m["label"] for m in yaml.safe_load((run / "config.yaml").read_text())["methods"]]
+    assert labels == ["lora", "thanora", "lora_more"]
+    assert set(json.loads((run / "metrics.json").read_text())) >= {"base", "lora", "thanora", "lora_more"}
+    saved["methods"] = saved["methods"][:1]
+    extended.write_text(yaml.safe_dump(saved))
+    assert main(["run", str(extended), "--output-dir", str(run), "--resume", "-q", "--no-progress"]) == 2

@@ -75,11 +75,12 @@ BEST = {"lora": 3e-4, "dora": 1e-3}
 
 
 def fake_run(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    lr, seed = config["train"]["lr"], config["seed"]
+    seed = config["seed"]
     n = config["tasks"][0]["n_eval"]
     metrics: dict[str, Any] = {}
     for entry in config["methods"]:
         label = entry.get("label", entry["name"])
+        lr = entry.get("train", {}).get("lr", config["train"]["lr"])  # a method's own rate, else the run's
         hits = n // 2 + (4 if lr == BEST[label] else 0) + seed
         correct = [1] * hits + [0] * (n - hits)
         metrics[label] = {t: {"score": hits / n, "correct": correct} for t in TASKS} | {"average": hits / n}
@@ -98,19 +99,20 @@ def offline(accuracy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     return tmp_path
 
 
-def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, offline: Path) -> None:
+def test_sweep_picks_each_methods_rate_and_each_final_run_holds_every_method_at_its_rate(accuracy: Any,
+                                                                                         offline: Path) -> None:
     argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--seeds", "0", "1", "2", "--n-eval", "20",
-            "--out", str(offline / "table")]
+            "--extend", "0", "--out", str(offline / "table")]
     result = accuracy.main(argv)
     assert {label: row["lr"] for label, row in result["rows"].items()} == BEST
     root = Path(result["runs"])
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["sweep_lr0.0003", "sweep_lr0.001"] + [f"seed{s}_lr{lr}" for s in range(3) for lr in ("0.0003", "0.001")])
+        ["sweep_lr0.0003", "sweep_lr0.001"] + [f"seed{s}" for s in range(3)])
     lora = result["rows"]["lora"]
     expected = [(10 + 4 + seed) / 20 for seed in range(3)]
     assert lora["average"]["values"] == expected
     assert lora["average"]["std"] == pytest.approx(statistics.stdev(expected))
-    assert result["base"]["average"] == 0.25 and result["run_minutes"] == pytest.approx(8 * 1.0)
+    assert result["base"]["average"] == 0.25 and result["run_minutes"] == pytest.approx(5 * 1.0)
     assert result["rows"]["dora"]["vs_lora"]["average"] == pytest.approx([0.0, 0.0, 0.0])  # same hits per seed
     table = (offline / "table.md").read_text()
     assert "| base (zero-shot) | 0 | – | 25.0 | 25.0 | 25.0 | |" in table
@@ -120,9 +122,9 @@ def test_sweep_picks_each_methods_rate_and_finals_group_by_it(accuracy: Any, off
 def test_rows_keep_the_methods_order_and_the_table_shows_the_sweep(accuracy: Any, offline: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(BEST, "lora", 1e-3)
-    monkeypatch.setitem(BEST, "dora", 3e-4)  # the final runs go lowest rate first: dora's group before lora's
+    monkeypatch.setitem(BEST, "dora", 3e-4)
     argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--seeds", "0", "--n-eval", "20",
-            "--out", str(offline / "table")]
+            "--extend", "0", "--out", str(offline / "table")]
     assert list(accuracy.main(argv)["rows"]) == ["lora", "dora"]
     table = (offline / "table.md").read_text()
     assert "| method | 0.0003 | 0.001 |" in table
@@ -135,7 +137,7 @@ def test_a_tied_sweep_picks_the_lowest_rate_whatever_the_grid_order(accuracy: An
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(BEST, "lora", None)  # never the best: the same dev score at every rate
     argv = ["--methods", "lora", "--lrs", "1e-3", "1e-4", "3e-4", "--seeds", "0", "--n-eval", "20",
-            "--out", str(offline / "table")]
+            "--extend", "0", "--out", str(offline / "table")]
     assert accuracy.main(argv)["rows"]["lora"]["lr"] == 1e-4
 
 
@@ -147,10 +149,43 @@ def test_fixed_rate_is_a_sensitivity_table_with_its_own_file(accuracy: Any, offl
     (other / "run.json").write_text(json.dumps({"timings_s": {"lora": 600.0}}))
     result = accuracy.main(["--methods", "lora", "dora", "--lr", "1e-3", "--seeds", "0", "--n-eval", "20"])
     assert {row["lr"] for row in result["rows"].values()} == {1e-3}
-    assert sorted(p.name for p in Path(result["runs"]).iterdir()) == ["another_table", "seed0_lr0.001"]  # no sweep
+    assert sorted(p.name for p in Path(result["runs"]).iterdir()) == ["another_table", "seed0"]  # no sweep
     assert result["run_minutes"] == 1.0  # only the folders it read
     table = (offline / "results" / "accuracy_2task_tiny_lr0.001.md").read_text()
     assert "not tuned" in table
+
+
+def test_a_best_rate_at_an_edge_of_the_grid_gets_the_next_rate_beyond_it(accuracy: Any, offline: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BEST, "lora", 3e-5)  # below the grid: found by extending it twice
+    monkeypatch.setitem(BEST, "dora", 3e-4)  # the grid's lowest: one step below shows it is the best
+    argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--seeds", "0", "--n-eval", "20",
+            "--out", str(offline / "table")]
+    result = accuracy.main(argv)
+    assert result["rows"]["lora"]["lr"] == 3e-5 and result["rows"]["dora"]["lr"] == 3e-4
+    assert sorted(float(lr) for lr in result["rows"]["lora"]["sweep"]) == [3e-5, 1e-4, 3e-4, 1e-3]
+    assert sorted(float(lr) for lr in result["rows"]["dora"]["sweep"]) == [1e-4, 3e-4, 1e-3]
+    assert result["lrs"] == [3e-5, 1e-4, 3e-4, 1e-3]
+    shared = result["shared_rate"]  # every method at each shared rate it was swept at, Δ LoRA at that rate
+    assert set(shared["dora"]) == {"0.0001", "0.0003", "0.001"} and "vs_lora" in shared["dora"]["0.0003"]
+    assert "Every method at one shared rate" in (offline / "table.md").read_text()
+
+
+def test_single_task_lora_is_one_adapter_per_task_with_its_share_of_the_steps(accuracy: Any) -> None:
+    scale = dict(accuracy.SCALES["small"])
+    tasks = accuracy.task_configs(2, scale, dev=False)
+    assert [(t["name"], t["n_train"], t["n_eval"]) for t in tasks] == [("csqa", 900, 321), ("obqa", 500, 500)]
+    steps = accuracy.steps_of(tasks, scale)
+    assert steps == 250  # 1,400 examples: 175 steps per epoch, raised to the scale's minimum
+    config = accuracy.run_config(tasks, accuracy.method_entries(16)[-1:], 1e-4, 0, scale, 2, "cpu", False)
+    singles = config["methods"]
+    assert [m["label"] for m in singles] == ["lora_single_csqa", "lora_single_obqa"]
+    assert [m["tasks"] for m in singles] == [["csqa"], ["obqa"]]
+    assert [m["train"]["max_steps"] for m in singles] == [161, 89]  # 250 steps shared as 900 : 500
+    assert config["train"]["max_steps"] == 250 and config["data"]["group_by_length"] is True
+    from thanora.experiment.config import config_from_dict
+
+    config_from_dict(config)  # a valid run config
 
 
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:

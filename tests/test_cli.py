@@ -174,3 +174,23 @@ def test_missing_model_folder_exit_2_before_touching_the_output(setup: tuple[Pat
     assert main(["run", str(config), "--output-dir", str(out), "--model.name_or_path=/nonexistent/model", "-q"]) == 2
     assert "model.name_or_path" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_per_method_training_settings_and_single_task_methods(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each method at its own rate and length, and a single-task method trained and scored on its task only."""
+    _root, config = setup
+    out = tmp_path / "per-method"
+    methods = ("--methods=[{name: lora, rank: 4, train: {lr: 1.0e-3, max_steps: 2}}, "
+               "{name: lora, label: lora_colors, rank: 4, tasks: [colors], train: {max_steps: 3}}]")
+    assert main(["run", str(config), "--output-dir", str(out), "--no-progress", "-q", methods,
+                 "--output.merged=false", "--output.plots=false"]) == 0
+    lora = json.loads((out / "lora" / "train.json").read_text())
+    single = json.loads((out / "lora_colors" / "train.json").read_text())
+    assert lora["train"]["lr"] == 1.0e-3 and lora["train"]["max_steps"] == 2 and lora["tasks"] == ["colors", "animals"]
+    assert single["train"]["lr"] == 5.0e-3 and single["tasks"] == ["colors"]
+    assert json.loads((out / "lora" / "history.json").read_text())[-1]["step"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["lora_colors"]) == {"colors", "average"}
+    assert metrics["lora_colors"]["average"] == metrics["lora_colors"]["colors"]["score"]
+    report = (out / "report.md").read_text()
+    assert "## Training per method" in report and "| lora_colors | 0.005 |" in report

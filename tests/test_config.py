@@ -91,3 +91,30 @@ def test_repeated_method_needs_a_label() -> None:
 
 def load_config_roundtrip(cfg) -> dict:
     return config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))).to_dict()
+
+
+def test_a_method_entry_sets_its_own_training_settings_and_tasks() -> None:
+    cfg = config_from_dict({**BASE, "methods": [
+        {"name": "lora", "rank": 8, "train": {"lr": "3e-4", "max_steps": 50}},
+        {"name": "lora", "label": "lora_a", "rank": 8, "tasks": ["a"], "train": {"warmup_ratio": 0.1}},
+        {"name": "thanora", "rank": 8}]})
+    lora, single, thanora_spec = cfg.methods
+    assert lora.train_config(cfg.train).lr == pytest.approx(3e-4) and lora.train_config(cfg.train).max_steps == 50
+    assert single.tasks == ("a",) and single.train_config(cfg.train).lr == cfg.train.lr
+    assert thanora_spec.train_config(cfg.train) is cfg.train
+    again = config_from_dict(cfg.to_dict())  # the resolved config keeps them
+    assert again.methods[0].train == {"lr": pytest.approx(3e-4), "max_steps": 50}
+    assert again.methods[1].tasks == ("a",)
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"name": "lora", "train": {"batch_size": 4}}, r"methods\[lora\]\.train: \['batch_size'\] cannot be set per"),
+    ({"name": "lora", "train": {"lr": "fast"}}, r"methods\[lora\]\.train\.lr: expected a number"),
+    ({"name": "lora", "train": {"lr": -1.0}}, r"methods\[lora\]\.train: TrainConfig\.lr must be > 0"),
+    ({"name": "lora", "tasks": ["c"]}, r"methods\[lora\]\.tasks: \['c'\] are not tasks of this run"),
+    ({"name": "lora", "tasks": []}, r"methods\[lora\]\.tasks: give at least one task"),
+    ({"name": "thanora", "rank": 2, "r_min": 2, "tasks": ["a", "b"]}, r"methods\[thanora\]: rank=2 cannot give"),
+])
+def test_bad_per_method_settings_name_the_field(entry: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**BASE, "methods": [entry]})

@@ -51,10 +51,28 @@ def test_stock_peft_reproduces_logits(builder, batch_fn, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("builder", "batch_fn"), CASES, ids=IDS)
-def test_adapter_config_keeps_scaling_per_module(builder, batch_fn, tmp_path: Path) -> None:
+def test_default_export_is_one_rank_and_one_scale(builder, batch_fn, tmp_path: Path) -> None:
+    """What serving engines read: r = 2R and lora_alpha = s·2R for every module, no patterns."""
     model = prepared(builder, batch_fn)
     adapter = thanora.adapter_of(model)
     thanora.export_adapter(model, tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    weights = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    assert config["r"] == 2 * R and config["lora_alpha"] == pytest.approx(2 * R * adapter.config.scaling)
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
+    for name, target in adapter.targets.items():
+        A = weights[f"base_model.model.{name}.lora_A.weight"]
+        B = weights[f"base_model.model.{name}.lora_B.weight"]
+        assert A.shape == (2 * R, target.d_in) and B.shape == (target.d_out, 2 * R)
+        start, stop = adapter.blocks[name][COOP]
+        assert torch.equal(B[:, R + start:R + stop], torch.zeros_like(B[:, R + start:R + stop]))  # B₀'s coop: 0
+
+
+@pytest.mark.parametrize(("builder", "batch_fn"), CASES, ids=IDS)
+def test_trimmed_export_keeps_scaling_per_module(builder, batch_fn, tmp_path: Path) -> None:
+    model = prepared(builder, batch_fn)
+    adapter = thanora.adapter_of(model)
+    thanora.export_adapter(model, tmp_path, trimmed=True)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     weights = load_file(str(tmp_path / ADAPTER_WEIGHTS))
     assert config["peft_type"] == "LORA"
@@ -151,7 +169,7 @@ def test_failed_export_keeps_previous_adapter(tmp_path: Path, monkeypatch: pytes
     out = thanora.export_adapter(model, tmp_path / "adapter")
     previous = (out / ADAPTER_WEIGHTS).read_bytes()
 
-    def broken_sidecar(_model):
+    def broken_sidecar(*_args):
         raise RuntimeError("sidecar failed")
 
     monkeypatch.setattr("thanora.adapters.export.sidecar", broken_sidecar)

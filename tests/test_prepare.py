@@ -79,8 +79,11 @@ def test_init_logits_equal_base_llama(dtype: torch.dtype) -> None:
     prepared = thanora.prepare_model(model, calibration(), thanora.ThanoraConfig(rank=R), progress=False)
     atol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(logits(prepared, batch), base, rtol=0, atol=atol)
-    # the residual base is what makes them equal: the adapter alone moves the logits
-    with prepared.disable_adapter():
+    # the residual base is what makes them equal: the adapter alone moves the logits (PEFT's own disable_adapter,
+    # which the prepared model refuses to users: it would run W_res alone)
+    from peft import PeftModel
+
+    with PeftModel.disable_adapter(prepared):
         assert float((logits(prepared, batch) - base).abs().max()) > 1e3 * atol
 
 
@@ -254,3 +257,47 @@ def test_prepared_model_trains_only_lora_and_keeps_mode() -> None:
     trainable = {n for n, p in prepared.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * len(thanora.adapter_of(prepared).targets)
+
+
+def test_bounded_calibration_gives_the_same_spectra_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of two modules' covariances: several passes, each stopped after its group, at most the budget held
+    at once, and the spectra of the one-pass collection (bit for bit: the same sums in the same order)."""
+    from thanora.core import covariance
+
+    model = tiny_llama()
+    targets = find_targets(model)
+    batches = calibration()["task0"]
+    budget_gb = 64 * 64 * 4 / 2**30  # the widest input (down_proj's 64) in float32: every other group holds several
+    groups = covariance.covariance_groups(targets, int(budget_gb * 2**30), torch.float32)
+    assert len(groups) >= 4 and sum(len(g) for g in groups) == len(targets)
+    peaks: list[int] = []
+    calls: list[int] = []
+    original = covariance.CovarianceFitter.result
+
+    def spy(self):  # the fitter's peak, and how many decoder layers each pass ran
+        peaks.append(self.peak_bytes)
+        return original(self)
+
+    monkeypatch.setattr(covariance.CovarianceFitter, "result", spy)
+    last_layer = model.model.layers[-1]
+    last_layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    full = task_spectra(model, targets, "t", batches, thanora.ThanoraConfig(rank=R), progress=False)
+    one_pass_calls = len(calls)
+    bounded = task_spectra(model, targets, "t", batches,
+                           thanora.ThanoraConfig(rank=R, calibration_memory_gb=budget_gb), progress=False)
+    assert len(peaks) == 1 + len(groups) and max(peaks[1:]) <= budget_gb * 2**30 < peaks[0]
+    # the early stop: passes of the groups before the last layer do not reach it
+    assert len(calls) - one_pass_calls < len(groups) * len(batches)
+    for name, spectrum in full.items():
+        for a, b in ((spectrum.U, bounded[name].U), (spectrum.S, bounded[name].S), (spectrum.Vh, bounded[name].Vh)):
+            assert torch.equal(a, b), name
+
+
+def test_calibration_batches_may_stay_on_the_cpu() -> None:
+    """The fitter moves each batch to the model's device itself (meta here: a wrong-device batch would fail)."""
+    from thanora.core.covariance import CovarianceFitter
+
+    model = tiny_llama()
+    fitter = CovarianceFitter(model, find_targets(model), "t", torch.float32)
+    fitter.update({k: v.clone() for k, v in random_batch(0).items()})
+    assert fitter.result().moments

@@ -210,3 +210,29 @@ def test_truncate() -> None:
     assert s.truncate(4).rank == 4
     with pytest.raises(ValueError, match="holds 4 triplets, 5 requested"):
         s.truncate(5)
+
+
+def test_the_randomized_svd_is_checked_a_posteriori_and_falls_back_to_exact() -> None:
+    from thanora.core.spectra import _top_svd, svd_residual
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(300, 200, generator=g, dtype=torch.float64)  # flat spectrum: the hardest case for sketching
+    U, S, V = _top_svd(M, 8, ThanoraConfig(rank=8, svd="exact"))
+    assert svd_residual(M, U, S, V) < 1e-10
+    cheap = ThanoraConfig(rank=8, svd="randomized", svd_oversample=0, svd_power_iters=0, svd_tolerance=1e-12)
+    _, Sr, _ = _top_svd(M, 8, cheap)  # misses the tolerance twice: the exact result
+    torch.testing.assert_close(Sr, S)
+    loose = ThanoraConfig(rank=8, svd="randomized", svd_oversample=0, svd_power_iters=0, svd_tolerance=10.0)
+    Ul, Sl, Vl = _top_svd(M, 8, loose)  # accepted as it is: a real approximation
+    assert 0 < svd_residual(M, Ul, Sl, Vl) <= 10.0 and not torch.allclose(Sl, S)
+
+
+def test_auto_svd_is_exact_for_small_modules() -> None:
+    from thanora.core.spectra import AUTO_EXACT_UP_TO, _top_svd
+
+    M = torch.randn(64, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert min(M.shape) <= AUTO_EXACT_UP_TO
+    for a, b in zip(_top_svd(M, 4, ThanoraConfig(rank=4, svd="auto")), _top_svd(M, 4, ThanoraConfig(rank=4,
+    svd="exact")),
+                    strict=True):
+        assert torch.equal(a, b)

@@ -1,10 +1,13 @@
 """Export a prepared (and trained) model as a stock PEFT LoRA adapter on the *original* base: SPEC.md §7.
 
 With a residual base the trained update relative to the original weight is ΔW = s·(B·A − B₀·A₀), written as one LoRA
-with A' = [A; A₀] and B' = [B, −B₀] (PEFT's own PiSSA/CorDA conversion). B₀'s cooperative columns are zero, so they
-are dropped: each module then has rank r' = 2R − r_coop, and ``rank_pattern`` / ``alpha_pattern`` (full dotted module
-names) keep alpha'/r' = s for every module. A sidecar ``thanora_adapter.json`` (ignored by PEFT) holds the block
-table, rank plan, entropies and resolved config.
+with A' = [A; A₀] and B' = [B, −B₀] (PEFT's own PiSSA/CorDA conversion): rank 2R and ``lora_alpha`` = s·2R for every
+module, the cooperative block's columns of B₀ kept as exact zeros. One rank and one scale is what serving engines
+read: vLLM keeps only ``r`` / ``lora_alpha`` (it drops ``rank_pattern`` / ``alpha_pattern`` silently), SGLang refuses
+patterns that change a module's rank, llama.cpp's converter scales each tensor by the global alpha over its own rank,
+LoRAX / TGI stack the layers' tensors. ``trimmed=True`` drops the zero columns instead (rank 2R − r_coop per module,
+kept right for PEFT by ``rank_pattern`` / ``alpha_pattern``): smaller, but read correctly by PEFT only. A sidecar
+``thanora_adapter.json`` (ignored by PEFT) holds the block table, rank plan, entropies and resolved config.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 SIDECAR = "thanora_adapter.json"
 
 
-def converted_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def converted_factors(model: nn.Module, trimmed: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per module ``(lora_A', lora_B')`` expressing the trained update relative to the original base weight.
 
     Args:
         model: a model returned by `prepare_model`.
+        trimmed: drop the cooperative block's zero columns of B₀ (rank 2R − r_coop per module) instead of keeping
+            every module at rank 2R.
 
     Returns:
         ``{module: (A' (r', d_in), B' (d_out, r'))}`` detached on CPU, in the adapter's dtype.
@@ -44,29 +49,32 @@ def converted_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
     for name in adapter.targets:
         A, B = (t.detach().cpu() for t in lora_factors(model, name))
         if adapter.config.residual:
-            n_task = adapter.blocks[name][COOP][0]  # B₀[:, n_task:] (coop) is zero: drop it
             A0, B0 = adapter.initial[name]
-            A = torch.cat([A, A0[:n_task].to(A)], dim=0)
-            B = torch.cat([B, -B0[:, :n_task].to(B)], dim=1)
+            keep = adapter.blocks[name][COOP][0] if trimmed else A0.shape[0]  # B₀[:, n_task:] (coop) is zero
+            A = torch.cat([A, A0[:keep].to(A)], dim=0)
+            B = torch.cat([B, -B0[:, :keep].to(B)], dim=1)
         factors[name] = (A.contiguous(), B.contiguous())
     return factors
 
 
-def export_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+def export_adapter(model: nn.Module, out_dir: str | Path, trimmed: bool = False) -> Path:
     """Write a PEFT LoRA adapter that stock `PeftModel.from_pretrained` loads on the original base model.
 
     Args:
         model: a model returned by `prepare_model` (merged or not).
         out_dir: destination folder (replaced atomically if it exists).
+        trimmed: the smaller per-module-rank form (see the module docstring: PEFT reads it, serving engines do not).
 
     Returns:
         ``out_dir``.
     """
     adapter = adapter_of(model)
     cfg = adapter.config
-    return write_lora_adapter(out_dir, converted_factors(model), cfg.scaling, model=model, dropout=cfg.lora_dropout,
+    return write_lora_adapter(out_dir, converted_factors(model, trimmed), cfg.scaling, model=model,
+                              dropout=cfg.lora_dropout,
                               fan_in_fan_out=any(t.fan_in_fan_out for t in adapter.targets.values()),
-                              base_model_name_or_path=adapter.base_model_name_or_path, sidecar=sidecar(model))
+                              base_model_name_or_path=adapter.base_model_name_or_path,
+                              sidecar=sidecar(model, trimmed))
 
 
 def write_lora_adapter(out_dir: str | Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
@@ -109,15 +117,16 @@ def write_lora_adapter(out_dir: str | Path, factors: Mapping[str, tuple[torch.Te
     return out_dir
 
 
-def sidecar(model: nn.Module) -> dict[str, Any]:
+def sidecar(model: nn.Module, trimmed: bool = False) -> dict[str, Any]:
     """The metadata written next to the adapter: config, rank plan, entropies, block tables, conversion."""
     adapter = adapter_of(model)
     return {
         "format": "thanora-adapter/1",
         "peft_version": peft.__version__,
         "base_model_name_or_path": adapter.base_model_name_or_path,
-        "conversion": "residual A'=[A;A0], B'=[B,-B0] (coop columns of B0 are zero and dropped)"
-        if adapter.config.residual else "none (no residual base)",
+        "conversion": (f"residual A'=[A;A0], B'=[B,-B0] ("
+                       f"{'coop columns of B0 dropped' if trimmed else 'rank 2R, coop columns of B0 kept as zeros'})"
+                       if adapter.config.residual else "none (no residual base)"),
         "config": adapter.config.to_dict(),
         "rank_plan": adapter.plan.to_dict(),
         "blocks": {name: {k: list(v) for k, v in table.items()} for name, table in adapter.blocks.items()},

@@ -3,8 +3,9 @@
 ThanoRA is a rank-R LoRA per module whose rank dimension is cut into task blocks and a cooperative block, so PEFT's
 `LoraLayer` already does the forward pass, dropout, `Conv1D` transposes, merging and unmerging. `inject_` adds the
 LoRA layers, copies the HASI factors in, rewrites each base weight to W_res = W − s·B₀A₀ when the residual base is
-on, attaches the `thanora.adapters.record.ThanoraAdapter` record and puts the model under the save/unload policy of
-`thanora.adapters.guard` (the in-memory adapter is wrong on the original model).
+on (``residual_mode: rewrite``; then the model goes under the save/unload policy of `thanora.adapters.guard`: the
+in-memory adapter is wrong on the original model) or adds the frozen −s·B₀A₀ adapter (``branch``), and attaches the
+`thanora.adapters.record.ThanoraAdapter` record.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from thanora.adapters.guard import guard_residual_base_
 from thanora.adapters.peft_config import lora_config
-from thanora.adapters.record import ADAPTER_NAME, ThanoraAdapter, attach_record
+from thanora.adapters.record import ADAPTER_NAME, RESIDUAL_ADAPTER, ThanoraAdapter, attach_record
 from thanora.core.allocation import RankPlan
 from thanora.core.hasi_config import ThanoraConfig
 from thanora.core.initialize import ModuleInit
@@ -52,6 +53,12 @@ def inject_(
                          fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
                          base_model_name_or_path=name_or_path)
     peft_model = get_peft_model(model, config)
+    branch = cfg.residual and cfg.residual_mode == "branch"
+    if branch:  # the residual as a frozen second adapter, without dropout: output W x − s·B₀A₀ x + s·B·A drop(x)
+        peft_model.add_adapter(RESIDUAL_ADAPTER, lora_config(
+            model, targets, cfg.rank, cfg.alpha, 0.0, fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
+            base_model_name_or_path=name_or_path))
+        peft_model.base_model.set_adapter([ADAPTER_NAME, RESIDUAL_ADAPTER])
     base = peft_model.base_model.model
     layers = {name: base.get_submodule(name) for name in inits}
     with torch.no_grad():
@@ -60,7 +67,15 @@ def inject_(
             lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
             lora_A.copy_(init.lora_A.to(lora_A))
             lora_B.copy_(init.lora_B.to(lora_B))
-            if cfg.residual:
+            if branch:
+                frozen_A, frozen_B = layer.lora_A[RESIDUAL_ADAPTER].weight, layer.lora_B[RESIDUAL_ADAPTER].weight
+                frozen_A.copy_(init.lora_A.to(frozen_A))
+                frozen_B.copy_(-init.lora_B.to(frozen_B))
+                # frozen through every later set_adapter / enable_adapters (PEFT's own mechanism, as its variants)
+                layer.frozen_peft_weight_names = {**layer.frozen_peft_weight_names,
+                                                  RESIDUAL_ADAPTER: ("lora_A", "lora_B")}
+                layer._freeze_non_trainable_peft_weights(RESIDUAL_ADAPTER)
+            elif cfg.residual:
                 W = weight_matrix(layer.base_layer)
                 W = W.to(torch.promote_types(W.dtype, torch.float32))  # at least float32; float64 stays float64
                 delta = cfg.scaling * (init.lora_B.to(W) @ init.lora_A.to(W))  # (d_out, d_in)
@@ -76,7 +91,8 @@ def inject_(
         layers=layers,
     )
     attach_record(peft_model, adapter)
-    guard_residual_base_(peft_model)
+    if cfg.residual and not branch:  # the base holds W_res: it must never pass for the original model
+        guard_residual_base_(peft_model)
     logger.info("injected ThanoRA (R=%d, %d modules, %d tasks, residual=%s)", cfg.rank, len(inits),
                 len(plan.tasks), cfg.residual)
     return peft_model

@@ -16,6 +16,7 @@ from pathlib import Path
 from peft import PeftModel
 from torch import nn
 
+from thanora.adapters.guard import saving_merged
 from thanora.adapters.record import unwrap
 from thanora.artifacts import atomic_dir
 
@@ -65,7 +66,7 @@ def save_merged(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
             for key, value in base.state_dict().items()
             if ".lora_" not in key
         }
-        with atomic_dir(out_dir, "merged") as tmp:
+        with atomic_dir(out_dir, "merged") as tmp, saving_merged():  # merged: the weights are the right ones
             base.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))

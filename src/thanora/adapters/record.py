@@ -26,8 +26,10 @@ from thanora.core.hasi_config import ThanoraConfig
 from thanora.core.regularizers import SprGroup, later_task_spans, task_end, task_pair_mask
 from thanora.core.targets import Target
 
-ADAPTER_NAME = "default"  # PEFT's adapter name of ThanoRA's single LoRA adapter
+ADAPTER_NAME = "default"  # PEFT's adapter name of ThanoRA's trained LoRA adapter
+RESIDUAL_ADAPTER = "thanora_residual"  # the frozen −s·B₀A₀ adapter of residual_mode "branch"
 RECORDS = "_thanora_records"
+MAX_LAYOUTS = 4  # block layouts per factor shape up to which SPR forms the cross-task products of each layout
 
 R = TypeVar("R")
 
@@ -100,20 +102,34 @@ class ThanoraAdapter:
         """The (n, n) boolean task-pair mask of module ``name`` (n = end of its last task block)."""
         return task_pair_mask(self.blocks[name], self.plan.tasks)
 
-    def spr_groups(self, device: torch.device, dtype: torch.dtype) -> list[tuple[str, tuple[str, ...], torch.Tensor]]:
-        """``(kind, module names, weights (g,))`` per group of modules whose ``kind`` factor ("A" or "B") has the
-        same shape and task blocks (`thanora.core.regularizers.SprGroup`); built once per device and dtype."""
+    def spr_groups(self, device: torch.device, dtype: torch.dtype) -> list[tuple[str, tuple[str, ...], Any]]:
+        """``(kind, module names, weights (g,) or masks (g, n, n))`` per group of modules whose ``kind`` factor ("A"
+        or "B") has the same shape: one group per block layout where a shape has at most `MAX_LAYOUTS` of them
+        (cross-task products), else one masked group (`thanora.core.regularizers.SprGroup`); built once per device
+        and dtype (in float64 first: a normalised weight can be ~1e-14)."""
         key = (device, dtype)
         if key not in self._spr_groups:
             tasks = self.plan.tasks
-            members: dict[tuple[Any, ...], list[str]] = {}
+            by_shape: dict[tuple[str, int], dict[tuple[Any, ...], list[str]]] = {}
             for name, target in self.targets.items():
                 layout = tuple(self.blocks[name][t] for t in tasks)
-                members.setdefault(("A", target.d_in, layout), []).append(name)
-                members.setdefault(("B", target.d_out, layout), []).append(name)
-            self._spr_groups[key] = [
-                (kind, tuple(names), torch.tensor([self.spr_weights[n] for n in names], dtype=torch.float64).to(
-                    device=device, dtype=dtype)) for (kind, _, _), names in members.items()]
+                for kind, dim in (("A", target.d_in), ("B", target.d_out)):
+                    by_shape.setdefault((kind, dim), {}).setdefault(layout, []).append(name)
+            groups: list[tuple[str, tuple[str, ...], Any]] = []
+            for (kind, _), layouts in by_shape.items():
+                if len(layouts) <= MAX_LAYOUTS:
+                    for names in layouts.values():
+                        weights = torch.tensor([self.spr_weights[n] for n in names], dtype=torch.float64)
+                        groups.append((kind, tuple(names), weights.to(device=device, dtype=dtype)))
+                    continue
+                names = [n for members in layouts.values() for n in members]
+                n_max = max(self.spr_mask(n).shape[0] for n in names)
+                masks = torch.zeros(len(names), n_max, n_max, dtype=torch.float64)
+                for i, name in enumerate(names):
+                    mask = self.spr_mask(name)
+                    masks[i, : mask.shape[0], : mask.shape[1]] = self.spr_weights[name] * mask.to(torch.float64)
+                groups.append((kind, tuple(names), masks.to(device=device, dtype=dtype)))
+            self._spr_groups[key] = groups
         return self._spr_groups[key]
 
 
@@ -146,6 +162,8 @@ def spr_groups(model: nn.Module) -> list[SprGroup]:
     for kind, names, weights in adapter.spr_groups(first.device, first.dtype):
         table = adapter.blocks[names[0]]
         factors = tuple(lora_factors(model, n)[0 if kind == "A" else 1] for n in names)
+        masked = weights.dim() == 3  # a group of several layouts: its weighted masks
         groups.append(SprGroup(kind, factors, later_task_spans(table, adapter.plan.tasks),
-                               task_end(table, adapter.plan.tasks), weights))
+                               task_end(table, adapter.plan.tasks), weights.new_zeros(0) if masked else weights,
+                               weights if masked else None))
     return groups

@@ -4,6 +4,11 @@ SPEC.md §1. `CovarianceFitter` hooks the target modules, sums XᵀX over the no
 (float32 or float64) and returns a frozen `CovarianceStats`. Modules that read the same tensor (q/k/v, gate/up)
 share one matrix: the hooks notice that a module's input *is* the tensor the previous hooked module just read.
 PEFT's CorDA hook assumes batch size 1, no padding and divides by the number of calls; none of that applies here.
+
+Bounded memory (`covariance_groups`): the targets can be cut into consecutive groups whose covariances fit a byte
+budget, one pass over the calibration batches per group, each pass stopped right after the group's last module
+(``stop_early``): the statistics are those of one pass, module for module, while at most one group's matrices exist
+at a time. Batches stay where the caller keeps them (CPU) and are moved to the model's device one at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,11 +78,16 @@ class CovarianceFitter:
         dtype: accumulation dtype (float32 or float64).
     """
 
-    def __init__(self, model: nn.Module, targets: Mapping[str, Target], task: str, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, targets: Mapping[str, Target], task: str, dtype: torch.dtype,
+                 stop_early: bool = False) -> None:
         self.model = model
         self.targets = dict(targets)
         self.task = task
         self.dtype = dtype
+        self.stop_early = stop_early
+        self.peak_bytes = 0  # the most bytes the running sums took at once (what a memory budget bounds)
+        self._seen: set[str] = set()
+        self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._modules = {name: model.get_submodule(name) for name in self.targets}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -97,11 +107,14 @@ class CovarianceFitter:
             batch: model inputs; ``attention_mask`` (B, L) marks the tokens that count (all tokens if absent).
                 ``labels`` are dropped (no loss is needed).
         """
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                  if k != "labels"}
         mask = inputs.get("attention_mask")
         self._mask = None if mask is None else mask.bool()
         self._last = None
-        with self._hooks():
+        self._seen = set()
+        # _GroupDone: every hooked module has read its input, the rest of the forward is not needed
+        with self._hooks(), suppress(_GroupDone):
             self.model(**inputs, **self._extra)
         self._last = None
 
@@ -154,20 +167,26 @@ class CovarianceFitter:
     def _hook_for(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            self._seen.add(name)
             # The same tensor object as the previous hooked call (q/k/v, gate/up): one shared covariance.
             if self._last is not None and self._last[0] is x:
                 key = self._last[1]
                 self._record_sharing(name, key)
-                return
-            self._record_sharing(name, name)
-            self._last = (x, name)
-            rows = self._select_tokens(x, name)  # (N, d_in)
-            rows = rows.to(self.dtype)
-            if name not in self._sums:
-                self._sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
-                self._counts[name] = 0
-            self._sums[name].addmm_(rows.T, rows)
-            self._counts[name] += rows.shape[0]
+            else:
+                self._record_sharing(name, name)
+                self._last = (x, name)
+                rows = self._select_tokens(x, name)  # (N, d_in)
+                rows = rows.to(self.dtype)
+                if name not in self._sums:
+                    self._sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype,
+                                                   device=rows.device)
+                    self._counts[name] = 0
+                    self.peak_bytes = max(self.peak_bytes, sum(s.numel() * s.element_size()
+                                                               for s in self._sums.values()))
+                self._sums[name].addmm_(rows.T, rows)
+                self._counts[name] += rows.shape[0]
+            if self.stop_early and len(self._seen) == len(self._modules):
+                raise _GroupDone
 
         return hook
 
@@ -194,6 +213,33 @@ class CovarianceFitter:
         )
 
 
+class _GroupDone(Exception):
+    """Raised by the last hook of a pass that needs no more of the forward (`CovarianceFitter.stop_early`)."""
+
+
+def covariance_groups(targets: Mapping[str, Target], budget_bytes: int | None, dtype: torch.dtype
+                      ) -> list[dict[str, Target]]:
+    """The targets cut into consecutive groups whose covariances fit ``budget_bytes`` (one group when ``None``).
+
+    Each module is counted at d_in² elements of ``dtype`` (an upper bound: modules that share an input, q/k/v or
+    gate/up, share one matrix), so a group never needs more than the budget; a module bigger than the budget on its
+    own gets a group of its own.
+    """
+    if budget_bytes is None:
+        return [dict(targets)]
+    size = torch.empty((), dtype=dtype).element_size()
+    groups: list[dict[str, Target]] = [{}]
+    used = 0
+    for name, target in targets.items():
+        need = target.d_in * target.d_in * size
+        if groups[-1] and used + need > budget_bytes:
+            groups.append({})
+            used = 0
+        groups[-1][name] = target
+        used += need
+    return groups
+
+
 def collect_covariances(
     model: nn.Module,
     targets: Mapping[str, Target],
@@ -202,6 +248,7 @@ def collect_covariances(
     dtype: torch.dtype = torch.float32,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
+    stop_early: bool = False,
 ) -> CovarianceStats:
     """Second moments of every target module's input over one task's calibration batches.
 
@@ -214,11 +261,12 @@ def collect_covariances(
         dtype: float32 or float64 accumulation.
         all_reduce: for multi-process runs, a function summing a tensor across processes.
         progress: show a tqdm bar.
+        stop_early: end each forward pass once every target has read its input (a group of `covariance_groups`).
 
     Returns:
         The task's `CovarianceStats` (on CPU).
     """
-    fitter = CovarianceFitter(model, targets, task, dtype)
+    fitter = CovarianceFitter(model, targets, task, dtype, stop_early)
     was_training = model.training
     model.eval()
     try:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 GammaMode = Literal["sqrt_per_factor", "per_factor"]
-SvdMode = Literal["exact", "randomized"]
+SvdMode = Literal["exact", "randomized", "auto"]
 StatsDtype = Literal["float32", "float64"]
 SprNormalization = Literal["none", "init"]
+ResidualMode = Literal["rewrite", "branch"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ThanoraConfig:
         gamma_mode: ``"sqrt_per_factor"`` multiplies B_t and A_t by √γ (product × γ); ``"per_factor"`` multiplies
             each factor by γ (product × γ², the paper's literal wording).
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
+        residual_mode: how the residual is held. ``"rewrite"`` (the paper's, PEFT's PiSSA/CorDA): the base weight
+            becomes W_res = W − s·B₀A₀, rounded to the base's dtype. ``"branch"`` (a thanora option): the base keeps
+            W and a frozen second LoRA path subtracts s·B₀A₀ (computed in the adapter's float32, where it cancels the
+            trained path exactly at step 0): exact init in bf16 / fp16 for one more low-rank product per module, and
+            ``disable_adapter()`` / ``unload()`` give the original model. Same export and merge.
         spr_lambda: weight λ of the subspace-preserving regulariser (0 disables it: "HASI only").
         spr_normalization: ``"none"`` is the paper's raw sum over modules (SPEC.md §5). Its scale follows the
             covariance: A = √S̃·Vᵀ C⁻¹ grows as C^(-1/2), so modules with small inputs (down_proj) can dominate by
@@ -41,10 +47,17 @@ class ThanoraConfig:
             model; ``None`` means every linear layer of the language model (never the vision tower, the projector
             or the output head).
         stats_dtype: accumulation dtype of the calibration second moments.
+        calibration_memory_gb: at most this many GB of covariance matrices at a time (`covariance_groups`: one
+            pass over the calibration batches per group of modules, each pass stopped after its group); ``None``
+            holds every module's matrix at once (one pass). The statistics are the same either way.
         damping: initial relative damping δ (C + δ·mean(diag C)·I), doubled until the solve is accurate.
         max_damping_doublings: how many times δ may double before the covariance is declared singular.
         solve_tolerance: relative residual the damped Cholesky solve must reach.
-        svd: ``"exact"`` (full SVD, truncated) or ``"randomized"`` (``torch.svd_lowrank``).
+        svd: ``"exact"`` (full SVD, truncated), ``"randomized"`` (``torch.svd_lowrank``, checked against
+            ``svd_tolerance``, exact where it misses) or ``"auto"``: exact up to 2,048 on the smaller side (every
+            module of SmolLM2-sized models), checked randomized above (7B models' 4096 × 11008 projections).
+        svd_tolerance: the a-posteriori residual a randomized SVD must reach (`thanora.core.spectra.svd_residual`:
+            max over the top-R triplets of ‖Mv − su‖ and ‖Mᵀu − sv‖, relative to the largest singular value).
         svd_oversample: extra columns of the randomized range finder.
         svd_power_iters: power iterations of the randomized range finder.
         seed: seed of the cooperative block's Kaiming-uniform A.
@@ -58,16 +71,19 @@ class ThanoraConfig:
     gamma: float = 5.0
     gamma_mode: GammaMode = "sqrt_per_factor"
     residual: bool = True
+    residual_mode: ResidualMode = "rewrite"
     spr_lambda: float = 1e-4
     spr_normalization: SprNormalization = "none"
     target_modules: tuple[str, ...] | None = None
     stats_dtype: StatsDtype = "float32"
+    calibration_memory_gb: float | None = None
     damping: float = 0.01
     max_damping_doublings: int = 20
     solve_tolerance: float = 1e-3
-    svd: SvdMode = "exact"
+    svd: SvdMode = "auto"
     svd_oversample: int = 16
     svd_power_iters: int = 4
+    svd_tolerance: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,15 +95,21 @@ class ThanoraConfig:
         _require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
         _require(self.gamma_mode in ("sqrt_per_factor", "per_factor"), "gamma_mode",
                  f"must be 'sqrt_per_factor' or 'per_factor', got {self.gamma_mode!r}")
+        _require(self.residual_mode in ("rewrite", "branch"), "residual_mode",
+                 f"must be 'rewrite' or 'branch', got {self.residual_mode!r}")
         _require(self.spr_lambda >= 0, "spr_lambda", f"must be >= 0, got {self.spr_lambda}")
         _require(self.spr_normalization in ("none", "init"), "spr_normalization",
                  f"must be 'none' or 'init', got {self.spr_normalization!r}")
         _require(self.stats_dtype in ("float32", "float64"), "stats_dtype",
                  f"must be 'float32' or 'float64', got {self.stats_dtype!r}")
+        _require(self.calibration_memory_gb is None or self.calibration_memory_gb > 0, "calibration_memory_gb",
+                 f"must be null (no bound) or > 0, got {self.calibration_memory_gb}")
         _require(self.damping > 0, "damping", f"must be > 0, got {self.damping}")
         _require(self.max_damping_doublings >= 0, "max_damping_doublings", "must be >= 0")
         _require(self.solve_tolerance > 0, "solve_tolerance", "must be > 0")
-        _require(self.svd in ("exact", "randomized"), "svd", f"must be 'exact' or 'randomized', got {self.svd!r}")
+        _require(self.svd in ("exact", "randomized", "auto"), "svd",
+                 f"must be 'exact', 'randomized' or 'auto', got {self.svd!r}")
+        _require(self.svd_tolerance > 0, "svd_tolerance", f"must be > 0, got {self.svd_tolerance}")
         _require(self.svd_oversample >= 0, "svd_oversample", f"must be >= 0, got {self.svd_oversample}")
         _require(self.svd_power_iters >= 0, "svd_power_iters", f"must be >= 0, got {self.svd_power_iters}")
         if self.target_modules is not None:

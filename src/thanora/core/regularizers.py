@@ -59,15 +59,17 @@ def task_end(blocks: Mapping[str, tuple[int, int]], tasks: Sequence[str]) -> int
 
 @dataclass(frozen=True)
 class SprGroup:
-    """Modules whose factors of one kind have the same shape and the same task blocks: their SPR terms are computed
-    together (`grouped_spr`).
+    """Modules whose factors of one kind have the same shape, and whose SPR terms are computed together
+    (`grouped_spr`): either with the same task blocks (``masks`` None: the cross-task products of ``spans``) or with
+    blocks that differ (``masks``: each module's weighted task-pair mask on the Gram matrix of its first n indices).
 
     Attributes:
         kind: ``"A"`` (factors (R, d_in), rows are rank indices) or ``"B"`` (factors (d_out, R), columns).
         factors: one factor per module.
-        spans: `later_task_spans` of the group's block table.
-        end: `task_end` of the group's block table.
+        spans: `later_task_spans` of the group's block table (``masks`` None).
+        end: `task_end` of the group's block table (``masks`` None).
         weights: (g,) the modules' SPR weights, in the factors' dtype and device.
+        masks: (g, n, n) weight × `task_pair_mask` of each module, zero-padded to the group's largest n; or None.
     """
 
     kind: str
@@ -75,25 +77,33 @@ class SprGroup:
     spans: tuple[tuple[int, int], ...]
     end: int
     weights: torch.Tensor
+    masks: torch.Tensor | None = None
 
 
 def grouped_spr(groups: Sequence[SprGroup]) -> torch.Tensor:
     """Σ over groups and modules of weight · Σ_{t1<t2} ‖X_t1ᵀ X_t2‖_F² (X = B's columns, or A's rows, of each task):
     the weighted sum of every module's `spr_penalty` (tested).
 
-    Only the cross-task products are formed (d·Σ_{t1<t2} r_t1·r_t2 multiply-adds per factor, not the d·R² of a full
-    Gram matrix: 9x fewer at R = 64 with two tasks), batched over the modules of a group (one stack and one batched
-    product per task block instead of a dozen small kernels per module: on SmolLM2's 210 modules the per-module form
-    spent most of its time dispatching them).
+    Groups of one layout form only the cross-task products (d·Σ_{t1<t2} r_t1·r_t2 multiply-adds per factor, not the
+    d·R² of a full Gram matrix: 9x fewer at R = 64 with two tasks); groups of many layouts the Gram matrix of the
+    task indices under each module's mask (fewer, larger kernels: with four tasks the cross products are most of it
+    anyway). Either way batched over the modules of the group (a stack and a few batched products instead of a dozen
+    small kernels per module: on SmolLM2's 210 modules the per-module form spent most of its time dispatching).
     """
     total = groups[0].weights.new_zeros(()) if groups else torch.zeros(())
     for group in groups:
-        if not group.spans:  # a single task: no pair
-            continue
         # Whole factors stacked, then split into the task blocks (and the rest): the backward of a split is one
         # concatenation, where a slice's would zero-fill and copy the whole stack for every block.
         X = torch.stack(group.factors)  # (g, d_out, R) or (g, R, d_in)
         dim = 2 if group.kind == "B" else 1
+        if group.masks is not None:  # blocks differ between the modules: the masked Gram of the task indices
+            n = group.masks.shape[-1]
+            head = X.split([n, X.shape[dim] - n], dim)[0]
+            gram = head.mT @ head if group.kind == "B" else head @ head.mT  # (g, n, n)
+            total = total + (gram.square() * group.masks).sum()
+            continue
+        if not group.spans:  # a single task: no pair
+            continue
         sizes = [b - a for a, b in group.spans] + [group.end - group.spans[-1][1]]
         blocks = X.split([*sizes, X.shape[dim] - group.end], dim)[: len(sizes)]  # task blocks in order
         if group.kind == "B":

@@ -142,19 +142,57 @@ def task_aware_svd(
         factor = damped_factor(moment, cfg, start=2.0 * factor.damping)
 
 
+# ``svd: auto`` takes the exact SVD up to this smaller dimension (cheap there: SmolLM2's largest is 576 x 1536) and the
+# checked randomized one above it (a 4096 x 11008 exact SVD is minutes on a CPU, ~1 s on a GPU).
+AUTO_EXACT_UP_TO = 2048
+
+
 def _top_svd(M: torch.Tensor, rank: int, cfg: ThanoraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD of M (d_out, d_in): U (d_out, R), S (R,), V (d_in, R)."""
-    if cfg.svd == "randomized":
-        q = min(rank + cfg.svd_oversample, *M.shape)
-        # torch.svd_lowrank draws its test matrix from the global RNG and takes no generator: seed a forked RNG so
-        # the same statistics always give the same factors, and the caller's RNG stream is left as it was.
-        devices = [M.device] if M.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            U, S, V = torch.svd_lowrank(M, q=q, niter=cfg.svd_power_iters)
-        return U[:, :rank].clone(), S[:rank].clone(), V[:, :rank].clone()  # no view pinning the full U
+    """Top-``rank`` SVD of M (d_out, d_in): U (d_out, R), S (R,), V (d_in, R).
+
+    ``svd: randomized`` (and ``auto`` above `AUTO_EXACT_UP_TO`) uses ``torch.svd_lowrank`` and checks the result a
+    posteriori (`svd_residual`); a result above ``cfg.svd_tolerance`` is recomputed with twice the power iterations,
+    then exactly.
+    """
+    randomized = cfg.svd == "randomized" or (cfg.svd == "auto" and min(M.shape) > AUTO_EXACT_UP_TO)
+    if randomized:
+        for power_iters in (cfg.svd_power_iters, 2 * cfg.svd_power_iters + 2):
+            U, S, V = _randomized(M, rank, cfg.svd_oversample, power_iters)
+            residual = svd_residual(M, U, S, V)
+            if residual <= cfg.svd_tolerance:
+                return U, S, V
+            logger.debug("randomized SVD residual %.2e > svd_tolerance %.2e (power iterations %d)", residual,
+                         cfg.svd_tolerance, power_iters)
+        logger.info("randomized SVD of a %s matrix missed svd_tolerance=%g (residual %.2e): exact SVD instead",
+                    tuple(M.shape), cfg.svd_tolerance, residual)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].T.clone()  # no view pinning the full U
+
+
+def _randomized(M: torch.Tensor, rank: int, oversample: int, power_iters: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = min(rank + oversample, *M.shape)
+    # torch.svd_lowrank draws its test matrix from the global RNG and takes no generator: seed a forked RNG so the
+    # same statistics always give the same factors, and the caller's RNG stream is left as it was.
+    devices = [M.device] if M.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(M, q=q, niter=power_iters)
+    return U[:, :rank].clone(), S[:rank].clone(), V[:, :rank].clone()  # no view pinning the full U
+
+
+def svd_residual(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> float:
+    """A posteriori error of approximate top singular triplets: max_i max(‖M v_i − s_i u_i‖, ‖Mᵀ u_i − s_i v_i‖) / s_1.
+
+    Zero for exact triplets; a small value bounds how far each (s_i, u_i, v_i) is from an exact triplet of M
+    (s_i lies within that residual of a singular value, by Weyl's theorem for the symmetric embedding). Costs two
+    products with M, a fraction of the SVD.
+    """
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0.0
+    left = (M @ V - U * S).norm(dim=0)
+    right = (M.T @ U - V * S).norm(dim=0)
+    return float(torch.maximum(left, right).max() / S[0])
 
 
 def decompose_task(

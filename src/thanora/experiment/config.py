@@ -33,7 +33,7 @@ from thanora.methods.registry import get_method
 from thanora.training.train import TrainConfig
 
 __all__ = ["ConfigError", "MethodSpec", "ModelConfig", "OutputConfig", "RunConfig", "config_from_dict",
-           "ineffective_settings", "load_config"]
+           "load_config"]
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -44,13 +44,14 @@ class ModelConfig:
 
     Attributes:
         name_or_path: ``smollm2`` (the offline SmolLM2-135M-Instruct asset), a Hub id or a local folder.
-        dtype: weights dtype: float32, bfloat16 or float16.
+        dtype: weights dtype: float32, bfloat16, float16 or ``auto`` (bfloat16 on a CUDA device that supports it,
+            else float32; `thanora.experiment.models.resolve_dtype`).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` / ``cuda:<i>`` or ``mps``; checked for availability
             when a command starts.
     """
 
     name_or_path: str = "smollm2"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -60,23 +61,61 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:<index> or mps, got {self.device!r}")
 
 
+# Training settings a method entry may set for itself (``methods: [{name: thanora, train: {lr: 1e-4}}]``).
+METHOD_TRAIN_KEYS = ("lr", "epochs", "max_steps", "warmup_ratio", "schedule", "weight_decay")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method to train: its registered name, its settings (fields of the method's config class) and a label.
+    """One method to train: its registered name, its settings (fields of the method's config class), a label, its
+    own training settings and the tasks it trains on.
 
     The label (default: the name) names the run folder and the metrics row, so one method can appear several
-    times with other settings, e.g. ``{name: thanora, label: hasi_only, spr_lambda: 0}``.
+    times with other settings, e.g. ``{name: thanora, label: hasi_only, spr_lambda: 0}``. ``train`` overrides the
+    run's training settings for this method (`METHOD_TRAIN_KEYS`: e.g. each method at its own learning rate);
+    ``tasks`` restricts the method to some of the run's tasks: it is calibrated, trained and scored on those only
+    (single-task baselines: ``{name: lora, label: lora_csqa, tasks: [csqa]}``).
     """
 
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    train: dict[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", self.label or self.name)
         if not self.label.isidentifier():
             raise ConfigError(f"methods[{self.label}].label must be an identifier (letters, digits, underscores), "
                               f"got {self.label!r}")
+        if not isinstance(self.train, dict):
+            raise ConfigError(f"methods[{self.label}].train: expected a mapping of training settings, e.g. "
+                              "{lr: 1e-4}")
+        unknown = sorted(set(self.train) - set(METHOD_TRAIN_KEYS))
+        if unknown:
+            raise ConfigError(f"methods[{self.label}].train: {unknown} cannot be set per method; allowed: "
+                              f"{list(METHOD_TRAIN_KEYS)} (the rest is the run's train section)")
+        hints = typing.get_type_hints(TrainConfig)
+        checked = {k: convert(hints[k], v, f"methods[{self.label}].train.{k}") for k, v in self.train.items()}
+        object.__setattr__(self, "train", checked)
+        if self.tasks is not None:
+            tasks = convert(tuple[str, ...], self.tasks, f"methods[{self.label}].tasks")
+            if not tasks:
+                raise ConfigError(f"methods[{self.label}].tasks: give at least one task, or drop it (all tasks)")
+            object.__setattr__(self, "tasks", tasks)
+
+    def train_config(self, run: TrainConfig) -> TrainConfig:
+        """The run's training settings with this method's own ones applied.
+
+        Raises:
+            ConfigError: the combination is invalid (naming ``methods[<label>].train``).
+        """
+        if not self.train:
+            return run
+        try:
+            return dataclasses.replace(run, **self.train)
+        except ValueError as err:
+            raise ConfigError(f"methods[{self.label}].train: {err}") from None
 
     def build(self) -> Any:
         """The method's validated config object.
@@ -133,7 +172,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (the resolved ``config.yaml``)."""
         out = _plain(self)
-        out["methods"] = [{"name": m.name, "label": m.label, **_plain(m.build())} for m in self.methods]
+        out["methods"] = [{"name": m.name, "label": m.label, **_plain(m.build()), **_method_extras(m)}
+                          for m in self.methods]
         return out
 
     def save(self, path: str | Path) -> None:
@@ -155,10 +195,15 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     for spec in cfg.methods:
         where = f"methods[{spec.label}]"
         method = get_method(spec.name)
+        unknown = sorted(set(spec.tasks or ()) - set(names))
+        if unknown:
+            problems.append(f"{where}.tasks: {unknown} are not tasks of this run (tasks: {names})")
+            continue
         try:
             settings = spec.build()
+            spec.train_config(cfg.train)
             if method.check_tasks is not None and names:
-                method.check_tasks(settings, names)
+                method.check_tasks(settings, list(spec.tasks or names))
         except ValueError as err:
             problems.append(str(err) if str(err).startswith("methods[") else f"{where}: {err}")
             continue
@@ -175,38 +220,6 @@ def _label_problems(specs: tuple[MethodSpec, ...]) -> list[str]:
         problems.append(f"methods: labels must be unique, got {labels}; give repeated methods a `label`")
     return problems + [f"methods[{label}].label: {label!r} is reserved ({RESERVED_LABELS[label]}); give the method "
                        "another `label`" for label in labels if label in RESERVED_LABELS]
-
-
-def ineffective_settings(cfg: RunConfig) -> list[str]:
-    """One line for each setting of ``cfg`` that would have no effect in a ``thanora run`` (said once at the start
-    instead of silently ignored)."""
-    notes = []
-    defaults_train, defaults_data = TrainConfig(), DataConfig()
-    if cfg.train.max_steps is not None and cfg.train.epochs != defaults_train.epochs:
-        notes.append(f"train.epochs={cfg.train.epochs} has no effect: train.max_steps={cfg.train.max_steps} sets the "
-                     "length of training")
-    if cfg.train.eval_every:
-        notes.append("train.eval_every has no effect in `thanora run` (methods are evaluated once, after training); "
-                     "use thanora.training.train.train(eval_fn=...) for evaluation during training")
-    if len(cfg.tasks) == 1:
-        if cfg.data.sampling != defaults_data.sampling:
-            notes.append(f"data.sampling={cfg.data.sampling} has no effect with a single task")
-        if cfg.data.stratified:
-            notes.append("data.stratified has no effect with a single task")
-    if cfg.data.sampling != "temperature" and cfg.data.sampling_temperature != defaults_data.sampling_temperature:
-        notes.append(f"data.sampling_temperature has no effect with data.sampling={cfg.data.sampling}")
-    routed = [m.label for m in cfg.methods if not get_method(m.name).mergeable]
-    if cfg.output.merged and routed:
-        notes.append(f"output.merged has no effect for {routed}: their routing depends on the input, so there is "
-                     "no fixed merged weight")
-    if cfg.output.merged and not cfg.output.adapter:
-        notes.append("output.adapter=false: the adapter is still written, because output.merged builds the merged "
-                     "model from it")
-    for spec in cfg.methods:
-        method = get_method(spec.name)
-        if method.check_tasks is not None:
-            notes += [f"methods[{spec.label}].{line}" for line in method.check_tasks(spec.build(), cfg.task_names)]
-    return notes
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -285,11 +298,12 @@ def _method_specs(methods: Any) -> tuple[MethodSpec, ...]:
             problems.append(f"methods[{i}]: missing `name` (one of the methods listed by `thanora methods`)")
             continue
         name, label = item.pop("name"), item.pop("label", "") or ""
+        train, tasks = item.pop("train", None) or {}, item.pop("tasks", None)
         try:
             get_method(str(name))
             if not isinstance(label, str):
                 raise ConfigError(f"methods[{i}].label: expected a string, got {label!r}")
-            specs.append(MethodSpec(str(name), item, label))
+            specs.append(MethodSpec(str(name), item, label, train, tasks))
         except ConfigError as err:
             problems.append(str(err))
         except ValueError as err:
@@ -297,6 +311,16 @@ def _method_specs(methods: Any) -> tuple[MethodSpec, ...]:
     if problems:
         raise ConfigError("\n".join(problems))
     return tuple(specs)
+
+
+def _method_extras(spec: MethodSpec) -> dict[str, Any]:
+    """A method entry's own training settings and task subset, when it has them (plain data)."""
+    extras: dict[str, Any] = {}
+    if spec.train:
+        extras["train"] = dict(spec.train)
+    if spec.tasks is not None:
+        extras["tasks"] = list(spec.tasks)
+    return extras
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -350,7 +374,7 @@ def _list_index(items: list[Any], part: str, key: str) -> int:
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if isinstance(obj, MethodSpec):
-            return {"name": obj.name, "label": obj.label, **obj.settings}
+            return {"name": obj.name, "label": obj.label, **obj.settings, **_method_extras(obj)}
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple | list):
         return [_plain(v) for v in obj]

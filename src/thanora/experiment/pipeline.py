@@ -7,7 +7,8 @@ Run directory layout::
     DIR/run.json           format, versions, seed, timings, status (running | complete | failed | interrupted), the
                            entries the run writes (what --overwrite may delete: `thanora.experiment.rundir`)
     DIR/plots/*.png        figures
-    DIR/<method>/          rank_plan.json (ThanoRA), checkpoints/, history.json, metrics.json, adapter/, merged/
+    DIR/<method>/          train.json (its training settings and tasks), rank_plan.json (ThanoRA), checkpoints/,
+                           history.json, metrics.json, adapter/, merged/
 
 Every input (config, data files, model, device, output folder) is checked before the output folder is touched.
 Vision-language models load through their processor (`thanora.experiment.models`): image examples go through it in
@@ -42,7 +43,7 @@ from thanora.data.tasks import (
 )
 from thanora.evaluation.evaluate import EvalTask, average, evaluate
 from thanora.experiment import rundir
-from thanora.experiment.config import MethodSpec, RunConfig, ineffective_settings
+from thanora.experiment.config import MethodSpec, RunConfig
 from thanora.experiment.models import (
     load_model,
     load_processor,
@@ -51,6 +52,7 @@ from thanora.experiment.models import (
     model_path,
     resolve_device,
 )
+from thanora.experiment.no_effect import ineffective_settings
 from thanora.experiment.plots import plot_run
 from thanora.methods.base import Method, MethodContext
 from thanora.methods.registry import get_method
@@ -96,6 +98,7 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     accelerator = make_accelerator(cfg.train, cpu=device.type == "cpu")  # one for the whole run
     check_sharding(accelerator.distributed_type)
     action = rundir.decide(out, cfg.to_dict(), overwrite, resume) if accelerator.is_main_process else "fresh"
+    extends = resume and accelerator.is_main_process and bool(rundir.added_methods(out, cfg.to_dict()))
     start = time.perf_counter()
     check_methods_fit(cfg)  # target names and ranks against the model's structure (meta device, no weights)
     tasks = load_tasks(cfg)  # every data file read and checked
@@ -112,8 +115,8 @@ def run(cfg: RunConfig, out: Path, overwrite: bool = False, resume: bool = False
     state = RunState(cfg, out, tasks, device, {**earlier, "data": data_seconds}, processor, accelerator.is_main_process)
     if state.main:
         write_json(out / "run.json", run_record(cfg, "running", state.timings))  # first: it lists what the run writes
-        if not resume:  # a resumed run keeps the config.yaml its results came from (same up to rundir.MAY_CHANGE)
-            cfg.save(out / "config.yaml")
+        if not resume or extends:  # a resumed run keeps the config.yaml its results came from (same up to
+            cfg.save(out / "config.yaml")  # rundir.MAY_CHANGE), unless it adds methods: then the union
         write_json(out / "data.json", {t.name: {"source": t.config.source, **t.fingerprint} for t in tasks})
     try:
         metrics = _run_stages(state, tokenizer, accelerator, resume, progress)
@@ -223,15 +226,22 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, accelerator: A
                progress: bool) -> dict:
     """Prepare, train, evaluate and export one method on a fresh copy of the base model.
 
-    Under ``accelerate launch`` / ``torchrun`` each process takes its shard of the calibration batches (statistics
-    are summed across processes, so they equal a single-process run) and of every training batch list.
+    The method trains with its own training settings (`MethodSpec.train_config`, recorded in
+    ``<label>/train.json``) on its own tasks (``spec.tasks``, default all). Under ``accelerate launch`` / ``torchrun``
+    each process takes its shard of the calibration batches (statistics are summed across processes, so they equal a
+    single-process run) and of every training batch list.
     """
     cfg, method, settings = state.cfg, get_method(spec.name), spec.build()
+    train_cfg = spec.train_config(cfg.train)
+    state = dataclasses.replace(state, tasks=[t for t in state.tasks if spec.tasks is None or t.name in spec.tasks])
     out = state.out / spec.label
     out.mkdir(parents=True, exist_ok=True)
+    if state.main:
+        write_json(out / "train.json", {"train": train_cfg.to_dict(), "tasks": [t.name for t in state.tasks]})
     rank, world = accelerator.process_index, accelerator.num_processes
     model = load_model(cfg, state.device)
-    calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, state.device, state.processor)[rank::world]
+    # on the CPU: the statistics move one batch at a time to the model's device
+    calibration = {t.name: calibration_batches(t, tokenizer, cfg.data, "cpu", state.processor)[rank::world]
                    for t in state.tasks}
     short = [name for name, batches in calibration.items() if not batches]
     if short:
@@ -250,7 +260,7 @@ def run_method(state: RunState, spec: MethodSpec, tokenizer: Any, accelerator: A
     if state.main:
         write_description(method, model, out)
     loader_factory = train_loader(state, tokenizer, rank, world, stratified=method.stratified_batches)
-    result = train(model, method, settings, loader_factory, cfg.train, accelerator, out_dir=out, resume=resume,
+    result = train(model, method, settings, loader_factory, train_cfg, accelerator, out_dir=out, resume=resume,
                    progress=progress and state.main)
     if not state.main:
         accelerator.wait_for_everyone()

@@ -219,6 +219,21 @@ def _run_section(run: Any) -> list[str]:
     return lines
 
 
+def _training_section(dirs: Mapping[str, Path]) -> list[str]:
+    """Each method's own training settings (``<method>/train.json``): rate, length, warm-up, schedule, tasks."""
+    records = {m: read_json(d / "train.json") for m, d in dirs.items() if (d / "train.json").is_file()}
+    if not records:
+        return []
+    lines = ["## Training per method", "", "| method | lr | epochs | max steps | warm-up | schedule | tasks |",
+             "|---|---|---|---|---|---|---|"]
+    for method, record in records.items():
+        train, tasks = record.get("train", {}), record.get("tasks", [])
+        lines.append(f"| {method} | {train.get('lr', '')} | {train.get('epochs', '')} | "
+                     f"{train.get('max_steps') or '–'} | {train.get('warmup_ratio', '')} | "
+                     f"{train.get('schedule', '')} | {', '.join(tasks)} |")
+    return [*lines, ""]
+
+
 def _is_time(key: str) -> bool:
     key = key.lower()
     return key.endswith("_s") or any(w in key for w in ("time", "timing", "duration", "second", "elapsed"))
@@ -259,6 +274,7 @@ def render_report(run_dir: str | Path) -> str:
                   "> √(p(1−p)/n) of the base score, so the gain is within evaluation noise:", ">"]
         lines += [f"> - {f}" for f in flagged] + [""]
     dirs = method_dirs(run_dir, metrics)
+    lines += _training_section(dirs)
     plans = {m: d / "rank_plan.json" for m, d in dirs.items() if (d / "rank_plan.json").is_file()}
     if plans:
         lines += ["## Rank plans", ""]

@@ -8,7 +8,8 @@ thanora's. The rules (`decide`, then `clear`):
 - an absent or empty folder is a fresh run; a folder holding anything but a run is never written into, whatever the
   flags (choose another folder);
 - ``--resume`` continues a run only with the same config (`config_changes`: only the settings in `MAY_CHANGE` may
-  differ), so ``config.yaml`` always describes the results beside it;
+  differ) or with methods added to it (then ``config.yaml`` gains them), so ``config.yaml`` always describes the
+  results beside it;
 - ``--overwrite`` replaces a run, deleting only the entries the old run wrote (but its spectra cache, whose entries
   are keyed by model, settings and data), after every input of the new run has been validated, and refuses when an
   input of the new run (a data file, the model folder) lies inside one of them;
@@ -117,10 +118,18 @@ def decide(out: Path, cfg_dict: Mapping[str, Any], overwrite: bool, resume: bool
     if resume:
         if not is_run_dir(out):
             raise RunDirError(f"--resume: {out} holds no thanora run to resume (no run.json); drop --resume")
-        changes = config_changes(_saved_config(out), cfg_dict)
+        saved = _saved_config(out)
+        removed = sorted(set(_labels(saved)) - set(_labels(cfg_dict)))
+        if removed:
+            raise RunDirError(f"--resume: the config lacks methods {removed} that {out} holds results of; resume with "
+                              "the config it was run with (methods may be added, not removed)")
+        added = set(_labels(cfg_dict)) - set(_labels(saved))
+        changes = [k for k in config_changes(saved, cfg_dict)
+                   if not any(k.startswith(f"methods[{label}]") for label in added)]
         if changes:
             raise RunDirError(f"--resume: the config differs from the one {out} was run with in {changes[:6]}; "
-                              "resume with the same config, or use a new --output-dir for the new settings")
+                              "resume with the same config (methods may be added), or use a new --output-dir for "
+                              "the new settings")
         return "resume"
     if empty:
         return "fresh"
@@ -169,6 +178,17 @@ def clear(out: Path) -> list[str]:
     if kept:
         logger.info("kept %d entries of %s that the old run did not write: %s", len(kept), out, kept[:8])
     return kept
+
+
+def added_methods(out: Path, cfg_dict: Mapping[str, Any]) -> list[str]:
+    """The method labels of ``cfg_dict`` that the run in ``out`` does not hold yet (what a resume adds)."""
+    saved = set(_labels(_saved_config(out)))
+    return [label for label in _labels(cfg_dict) if label not in saved]
+
+
+def _labels(cfg: Mapping[str, Any]) -> list[str]:
+    methods = cfg.get("methods") or []
+    return [str(m.get("label") or m.get("name")) for m in methods if isinstance(m, Mapping)]
 
 
 def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -56,7 +56,7 @@ def _spectra(cfg: RunConfig, out: Path, status: str) -> tuple[ThanoraConfig, dic
     targets = find_targets(model, settings.target_modules)
     key = calibration_key(tasks)
     spectra = {task.name: task_spectra(model, targets, task.name,
-                                       calibration_batches(task, tokenizer, cfg.data, device, processor), settings,
+                                       calibration_batches(task, tokenizer, cfg.data, "cpu", processor), settings,
                                        cache_dir=out / "cache", calibration_key=key)
                for task in tasks}
     return settings, spectra
@@ -199,10 +199,10 @@ def export_trained(run_dir: Path, label: str, merged: bool = False) -> Path:
     device = resolve_device(cfg.model.device)
     processor = load_processor(cfg)
     tokenizer = load_tokenizer(cfg, processor)
-    tasks = load_tasks(cfg)
+    tasks = [t for t in load_tasks(cfg) if spec.tasks is None or t.name in spec.tasks]
     ctx = MethodContext(
         tokenizer=tokenizer,
-        calibration={t.name: calibration_batches(t, tokenizer, cfg.data, device, processor) for t in tasks},
+        calibration={t.name: calibration_batches(t, tokenizer, cfg.data, "cpu", processor) for t in tasks},
         cache_dir=run_dir / "cache",
         seed=cfg.seed,  # as in the run: a seeded residual init (R-LoRA+) must be rebuilt identically
         calibration_key=calibration_key(tasks),

@@ -20,7 +20,8 @@ the decomposition). PEFT damps until ‖C_d C_d⁻¹ − I‖ < 0.05 with an exp
 
 Defaults: rank 64, alpha = rank, dropout 0 (dropout on the adapter input of a residual-initialised adapter perturbs the
 top components of W: see `thanora.ThanoraConfig.lora_dropout`), every linear layer of the language model, float32
-statistics, δ = 0.01 doubled at most 20 times, exact SVD. The pooled spectra are cached in ``ctx.cache_dir`` as
+statistics, δ = 0.01 doubled at most 20 times, size-aware SVD (`svd: auto`: exact up to 2,048 on the smaller side,
+checked randomized above). The pooled spectra are cached in ``ctx.cache_dir`` as
 ``spectra-<task1>+<task2>….safetensors`` (not a valid task name, so never confused with ThanoRA's per-task files) and
 reused by later runs with the same model, targets, decomposition settings and ``ctx.calibration_key``.
 """
@@ -37,7 +38,7 @@ from torch import nn
 
 from thanora.adapters.layers import inject_
 from thanora.core.allocation import ModulePlan, RankPlan, normalized_entropy
-from thanora.core.hasi_config import StatsDtype, SvdMode, ThanoraConfig
+from thanora.core.hasi_config import ResidualMode, StatsDtype, SvdMode, ThanoraConfig
 from thanora.core.initialize import hasi_factors
 from thanora.core.targets import check_rank, find_targets
 from thanora.methods.base import Method, MethodContext
@@ -56,12 +57,16 @@ class CordaSettings:
         target_modules: module names (full dotted names or suffixes) inside the language model; ``None`` means every
             linear layer of the language model.
         stats_dtype: accumulation dtype of the pooled second moment.
+        calibration_memory_gb: at most this many GB of covariances at a time (several passes); ``None``: one pass.
         damping: initial relative damping δ (C + δ·mean(diag C)·I), doubled until the solve is accurate.
         max_damping_doublings: how many times δ may double before the covariance is declared singular.
         solve_tolerance: relative residual the damped Cholesky solve must reach.
-        svd: ``"exact"`` or ``"randomized"`` (``torch.svd_lowrank``).
+        svd: ``"exact"``, ``"randomized"`` (``torch.svd_lowrank``, checked) or ``"auto"`` (size-aware).
+        svd_tolerance: the a-posteriori residual a randomized SVD must reach.
         svd_oversample: extra columns of the randomized range finder.
         svd_power_iters: power iterations of the randomized range finder.
+        residual_mode: ``"rewrite"`` W_res in the base weight, or ``"branch"`` a frozen −s·B₀A₀ path (exact init in
+            low precision; see `thanora.ThanoraConfig.residual_mode`).
     """
 
     rank: int = 64
@@ -69,12 +74,15 @@ class CordaSettings:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     stats_dtype: StatsDtype = "float32"
+    calibration_memory_gb: float | None = None
     damping: float = 0.01
     max_damping_doublings: int = 20
     solve_tolerance: float = 1e-3
-    svd: SvdMode = "exact"
+    svd: SvdMode = "auto"
     svd_oversample: int = 16
     svd_power_iters: int = 4
+    svd_tolerance: float = 1e-3
+    residual_mode: ResidualMode = "rewrite"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):

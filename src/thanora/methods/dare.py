@@ -17,8 +17,9 @@ the merge's expectation.
 Merge (`finalize`, in ΔW space, per module): ΔW_t = s_t·B_t·A_t; every entry kept with probability p = ``density``
 and rescaled by 1/p (masks drawn from a generator seeded by ``drop_seed`` and the module index); ΔW = Σ_t w_t·ΔW̃_t
 with w_t = 1/T by default; then the best rank-``svd_rank`` approximation (truncated SVD, default rank = Σ_t r_t = the
-``rank`` budget, capped at min(d_in, d_out)) becomes one ordinary PEFT LoRA adapter on the original base (alpha = rank,
-B = U·√S, A = √S·Vᵀ). The relative Frobenius error of that truncation is recorded per module (``dare.json`` in the
+``rank`` budget, capped at min(d_in, d_out), zero-padded back to it so every module has one rank and one scale, what
+serving engines read) becomes one ordinary PEFT LoRA adapter on the original base (alpha = rank, B = U·√S, A = √S·Vᵀ).
+The relative Frobenius error of that truncation is recorded per module (``dare.json`` in the
 run folder and ``dare_merge.json`` beside the exported adapter). The model `finalize` returns holds exactly the
 exported adapter, so what is evaluated is what is exported.
 
@@ -272,6 +273,7 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
     target_rank = settings.svd_rank or sum(record.ranks)
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
+    ranks: dict[str, int] = {}  # the rank of each module's truncated SVD (below target_rank: zero-padded)
     with torch.no_grad():
         for index, name in enumerate(record.targets):
             layer = base.get_submodule(name)
@@ -284,13 +286,15 @@ def finalize_dare(model: nn.Module, settings: DareSettings) -> PeftModel:
             merged = dare_merge(deltas, weights, settings.density, generator)
             rank = min(target_rank, *merged.shape)
             A, B, errors[name] = low_rank(merged, rank)
+            # one rank for every module (what serving engines read): a module narrower than the target rank gets
+            # zero rows / columns, exact no-ops
+            A = torch.cat([A, A.new_zeros(target_rank - rank, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], target_rank - rank)], dim=1)
             factors[name] = (A, B)
-    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
-    rank_pattern = {name: r for name, r in ranks.items() if r != target_rank}
+            ranks[name] = rank
     first = inner.peft_config[adapter_name(record.tasks[0])]
     config = lora_config(inner, record.targets, target_rank, target_rank, settings.lora_dropout,
                          fan_in_fan_out=any(t.fan_in_fan_out for t in record.targets.values()),
-                         rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
                          base_model_name_or_path=getattr(first, "base_model_name_or_path", None))
     original = inner.unload()  # LoRA layers removed, base weights untouched (DARE has no residual base)
     with seeded_rng(original, settings.drop_seed):  # PEFT's own init is overwritten below; keep the global RNG

@@ -23,7 +23,7 @@ from thanora.adapters.export import export_adapter
 from thanora.adapters.layers import inject_
 from thanora.adapters.record import adapter_of, lora_factors, spr_groups
 from thanora.core.allocation import RankPlan, allocate_ranks, min_budget, normalized_entropy
-from thanora.core.covariance import Batch, collect_covariances
+from thanora.core.covariance import Batch, collect_covariances, covariance_groups
 from thanora.core.hasi_config import ThanoraConfig
 from thanora.core.initialize import hasi_factors
 from thanora.core.regularizers import block_overlap, grouped_spr
@@ -123,9 +123,14 @@ def task_spectra(
                 logger.info("task %s: spectra loaded from %s (no forward pass)", task, path)
                 return {name: s.truncate(config.rank) for name, s in cached.items()}
     dtype = torch.float64 if config.stats_dtype == "float64" else torch.float32
-    stats = collect_covariances(model, targets, task, batches, dtype, all_reduce, progress)
-    spectra = decompose_task(model, targets, stats, config, progress)
-    del stats
+    budget = None if config.calibration_memory_gb is None else int(config.calibration_memory_gb * 2**30)
+    groups = covariance_groups(targets, budget, dtype)
+    batches = list(batches) if len(groups) > 1 else batches  # several passes
+    spectra: dict[str, Spectrum] = {}
+    for group in groups:  # at most one group's covariances at a time; each decomposed, then freed
+        stats = collect_covariances(model, group, task, batches, dtype, all_reduce, progress, len(groups) > 1)
+        spectra |= decompose_task(model, group, stats, config, progress)
+        del stats
     if path is not None:
         save_spectra(spectra, path, {"key": key, "rank": config.rank, "task": task})
     return spectra
@@ -156,7 +161,7 @@ def _cache_key(model: nn.Module, targets: Mapping[str, Target], config: ThanoraC
     """Fingerprint of everything the spectra depend on (weights summarised by their norms)."""
     fields = {k: v for k, v in config.to_dict().items()
               if k in ("stats_dtype", "damping", "max_damping_doublings", "solve_tolerance", "svd",
-                       "svd_oversample", "svd_power_iters")}
+                       "svd_oversample", "svd_power_iters", "svd_tolerance")}
     norms = [round(float(weight_matrix(model.get_submodule(n)).detach().float().norm()), 4) for n in targets]
     blob = json.dumps([list(targets), norms, fields, calibration_key], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
