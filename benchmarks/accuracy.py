@@ -132,10 +132,10 @@ def task_configs(mixture: int, scale: dict[str, Any], dev: bool) -> list[dict[st
         if dev:
             out.append({"name": name, "source": source, "answer_format": fmt,
                         "n_train": n_train - scale["n_dev"], "n_eval": scale["n_dev"],
-                        "n_calibration": scale["n_calibration"]})
+                        "n_calibration": min(scale["n_calibration"], n_train - scale["n_dev"])})
         else:
             out.append({"name": name, "source": source, "answer_format": fmt, "eval_source_split": eval_split,
-                        "n_train": n_train, "n_eval": n_eval, "n_calibration": scale["n_calibration"]})
+                        "n_train": n_train, "n_eval": n_eval, "n_calibration": min(scale["n_calibration"], n_train)})
     return out
 
 
