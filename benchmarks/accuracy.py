@@ -104,7 +104,7 @@ def method_entries(rank: int) -> list[dict[str, Any]]:
 
 def param_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     """Trainable parameters of every entry on SmolLM2 (analytic, from the model config on the meta device)."""
-    from thanora.cli import meta_model
+    from thanora.experiment.models import meta_model
     from thanora.methods.registry import get_method
 
     model = meta_model("smollm2")
@@ -317,9 +317,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 folders.append(root / f"sweep_lr{lr:g}")
                 metrics = run(run_config(dev_tasks, group, lr, 0, scale, args.mixture, args.device, False),
                               folders[-1])
+                moved = {}
+                if args.effects:  # how far each rate moves the model: KL to the base only (the cheap part)
+                    from model_effects import effects_of_run
+
+                    moved = effects_of_run(folders[-1], {e.get("label", e["name"]): rows_of[e.get("label", e["name"])]
+                                                         for e in group}, False, root, unseen=False)
                 for entry in group:
                     label = entry.get("label", entry["name"])
                     dev.setdefault(label, {})[lr] = row_metrics(metrics, rows_of[label])
+                    if label in moved:
+                        dev[label][lr]["kl_base_tuned"] = moved[label]["kl_base_tuned"]
                     sweep[label][lr] = dev[label][lr]["average"]
                 print(f"sweep lr={lr:g}: " + ", ".join(f"{k} {v[lr]:.3f}" for k, v in sweep.items() if lr in v),
                       flush=True)
@@ -375,12 +383,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": param_counts(entries), "rows": rows, "wall_minutes": round((time.time() - started) / 60, 1),
         "run_minutes": round(run_seconds(folders) / 60, 1),
         "shared_rate": shared_rate_view(dev, tasks) if dev else None,
+        "effects_sizes": effects_sizes() if args.effects else None,
         "base_unseen": (json.loads((root / "base_unseen.json").read_text())["score"]
                         if (root / "base_unseen.json").is_file() else None),
         "runs": str(root),
     }
     publish(out, result, render(result))
     return result
+
+
+def effects_sizes() -> dict[str, int]:
+    """How much text and how many unseen-task questions `model_effects` measures on (for the table's caption)."""
+    import model_effects
+
+    return {"plain_texts": model_effects.PLAIN_TEXTS, "plain_tokens": model_effects.PLAIN_TOKENS,
+            "unseen_questions": model_effects.UNSEEN_QUESTIONS}
 
 
 def row_metrics(metrics: dict[str, Any], run_labels: list[str]) -> dict[str, Any]:
@@ -419,6 +436,8 @@ def shared_rate_view(dev: dict[str, dict[float, dict[str, Any]]], tasks: list[st
         out[label] = {}
         for lr, metrics in sorted(by_rate.items()):
             cell: dict[str, Any] = {"average": metrics["average"]}
+            if "kl_base_tuned" in metrics:
+                cell["kl_base_tuned"] = metrics["kl_base_tuned"]
             reference = dev.get("lora", {}).get(lr)
             if reference is not None and label != "lora":
                 mine = {t: np.asarray(metrics[t]["correct"], dtype=float) for t in tasks}
@@ -511,9 +530,11 @@ def effects_table(result: dict[str, Any]) -> list[str]:
     rows = {label: row["effects"] for label, row in result["rows"].items() if "effects" in row}
     if not rows:
         return []
-    lines = ["", "Off the tasks (mean over seeds): KL(base ‖ tuned) per token of held-out plain text (SciQ "
-             "support paragraphs), mean |Δ log-prob| per token and vocabulary entry, and HellaSwag accuracy "
-             "(300 questions, no method trains on it):", "",
+    sizes = result.get("effects_sizes") or {}
+    lines = ["", f"Off the tasks (mean over seeds): KL(base ‖ tuned) per token of held-out plain text "
+             f"({sizes.get('plain_texts', '?')} SciQ support paragraphs), mean |Δ log-prob| per token and vocabulary "
+             f"entry, and HellaSwag accuracy ({sizes.get('unseen_questions', '?')} questions, no method trains on it):",
+             "",
              "| method | KL to base (nats/token) | mean abs Δ log-prob | HellaSwag % |", "|---|---|---|---|"]
     if result.get("base_unseen") is not None:
         lines.append(f"| base (zero-shot) | 0 | 0 | {100 * result['base_unseen']:.1f} |")
@@ -538,7 +559,8 @@ def shared_rate_table(result: dict[str, Any]) -> list[str]:
         return []
     lrs = sorted({float(lr) for cells in view.values() for lr in cells})
     lines = ["", "Every method at one shared rate (the paper's protocol; the sweep's dev questions): average accuracy "
-             "% and Δ LoRA at the same rate [95 % CI]:", "",
+             "% and Δ LoRA at the same rate [95 % CI]; with --effects, KL(base ‖ tuned) in nats per token on held-out "
+             "plain text:", "",
              "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for label, cells in view.items():
         out = []
@@ -551,6 +573,8 @@ def shared_rate_table(result: dict[str, Any]) -> list[str]:
             if "vs_lora" in cell:
                 d, lo, hi = cell["vs_lora"]
                 text += f" ({100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+            if "kl_base_tuned" in cell:
+                text += f", KL {cell['kl_base_tuned']:.3f}"
             out.append(text)
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return lines

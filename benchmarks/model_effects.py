@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-PLAIN_TEXTS = 120  # SciQ support paragraphs, truncated to PLAIN_TOKENS tokens
+PLAIN_TEXTS = 40  # SciQ support paragraphs, truncated to PLAIN_TOKENS tokens
 PLAIN_TOKENS = 128
 UNSEEN_TASK = "hellaswag"
-UNSEEN_QUESTIONS = 300
+UNSEEN_QUESTIONS = 200
 
 
 def _base(cfg: Any) -> tuple[torch.nn.Module, Any]:
@@ -64,23 +64,18 @@ def plain_text_batches(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
 
 
 @torch.inference_mode()
-def _log_probs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    return [model(**b).logits.float().log_softmax(-1) for b in batches]
+def kl_to_base(cfg: Any, adapter: Path) -> dict[str, float]:
+    """Mean KL(base ‖ tuned) per non-padding token (nats) and mean |Δlogit| on held-out plain text.
 
-
-def kl_to_base(cfg: Any, adapter: Path, base_cache: Path) -> dict[str, float]:
-    """Mean KL(base ‖ tuned) per non-padding token (nats) and mean |Δlogit| on held-out plain text."""
+    Base and tuned model run side by side, one batch at a time: a batch's log-probabilities over the vocabulary are
+    ~200 MB for each, all of them ~3 GB, so nothing is kept between batches.
+    """
     model = load_trained(cfg, adapter)
     base, tokenizer = _base(cfg)
-    batches = plain_text_batches(tokenizer)
-    if base_cache.is_file():
-        reference = torch.load(base_cache, weights_only=True)
-    else:
-        reference = _log_probs(base, batches)
-        torch.save(reference, base_cache)
-    tuned = _log_probs(model, batches)
     kl_sum, diff_sum, tokens = 0.0, 0.0, 0
-    for batch, p, q in zip(batches, reference, tuned, strict=True):
+    for batch in plain_text_batches(tokenizer):
+        p = base(**batch).logits.float().log_softmax(-1)
+        q = model(**batch).logits.float().log_softmax(-1)
         mask = batch["attention_mask"].bool()
         kl = (p.exp() * (p - q)).sum(-1)  # (B, L)
         kl_sum += float(kl[mask].sum())
@@ -141,11 +136,12 @@ def block_ablation(cfg: Any, adapter: Path, tasks: list[Any]) -> dict[str, Any]:
     return {"tasks": names, "scores": scores, "drop": drop}
 
 
-def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, cache: Path) -> dict[str, Any]:
+def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, cache: Path,
+                   unseen: bool = True) -> dict[str, Any]:
     """Every table row's effects in the run ``folder`` (its ``config.yaml`` and exported adapters): KL to the base
-    on plain text and the unseen-task score, averaged over the row's adapters (one per task for single-task LoRA);
-    with ``ablate``, ThanoRA's block ablation. Cached per adapter (``<label>/effects.json``) and, for the base
-    model's plain-text log-probs, in ``cache``."""
+    on plain text and (``unseen``) the unseen-task score, averaged over the row's adapters (one per task for
+    single-task LoRA); with ``ablate``, ThanoRA's block ablation. Cached per adapter (``<label>/effects.json``) and,
+    for the base model's unseen-task score, in ``cache``."""
     from thanora.artifacts import read_json, write_json
     from thanora.data.tasks import build_task
     from thanora.experiment.config import load_config
@@ -160,9 +156,11 @@ def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, ca
             effects = read_json(path) if path.is_file() else {}
             adapter = folder / label / "adapter"
             if "kl_base_tuned" not in effects:
-                effects |= kl_to_base(cfg, adapter, cache / "base_plain_text_logprobs.pt")
-                unseen = unseen_task(cfg, adapter)
-                effects |= {"unseen_score": unseen["score"], "unseen_correct": unseen["correct"]}
+                effects |= kl_to_base(cfg, adapter)
+                write_json(path, effects)
+            if unseen and "unseen_score" not in effects:
+                measured_unseen = unseen_task(cfg, adapter)
+                effects |= {"unseen_score": measured_unseen["score"], "unseen_correct": measured_unseen["correct"]}
                 write_json(path, effects)
             if ablate and specs[label].name == "thanora" and "ablation" not in effects:
                 tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
@@ -170,11 +168,11 @@ def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, ca
                 write_json(path, effects)
             measured.append(effects)
         summary: dict[str, Any] = {k: sum(m[k] for m in measured) / len(measured)
-                                   for k in ("kl_base_tuned", "mean_abs_dlogit", "unseen_score")}
+                                   for k in ("kl_base_tuned", "mean_abs_dlogit", "unseen_score") if k in measured[0]}
         if any("ablation" in m for m in measured):
             summary["ablation"] = next(m["ablation"] for m in measured if "ablation" in m)
         out[row] = summary
     base_path = cache / "base_unseen.json"
-    if not base_path.is_file():
+    if unseen and not base_path.is_file():
         write_json(base_path, unseen_task(cfg, None))
     return out
