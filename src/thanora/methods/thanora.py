@@ -145,7 +145,7 @@ def spr_loss(model: nn.Module) -> torch.Tensor:
     """
     # The same sum as Σ_modules spr_weight · spr_penalty(A, B, mask) (tested), from the cross-task products only and
     # batched over modules of the same layout (`grouped_spr`). SmolLM2, 2 tasks, 2 CPU cores, forward + backward:
-    # 25 -> see benchmarks/results/throughput.md.
+    # 25 -> 18 ms at rank 16, 75 -> 40 ms at rank 64 (benchmarks/README.md, throughput).
     return grouped_spr(spr_groups(model))
 
 
