@@ -98,6 +98,8 @@ def method_entries(rank: int) -> list[dict[str, Any]]:
         {"name": "mtlora", "rank": quarter, "n_heads": 16, "groups": MTLORA_GROUPS.get(rank, 18)},
         {"name": "thanora", "label": "hasi_only", "rank": rank, "spr_lambda": 0.0, "lora_dropout": 0.0},
         {"name": "thanora", "rank": rank, "spr_lambda": 1e-3, "spr_normalization": "init", "lora_dropout": 0.0},
+        {"name": "thanora", "label": "thanora_balanced", "rank": rank, "spr_lambda": 1e-3, "spr_normalization": "init",
+         "lora_dropout": 0.0, "balance_factors": True},
         {"name": "lora", "label": SINGLE, "rank": rank},  # expanded per task by `expand_single`
     ]
 

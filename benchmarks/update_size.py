@@ -29,6 +29,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {"rank": 16, "lora_dropout": 0.0}),
     "corda": ("corda", {"rank": 16}),
     "thanora": ("thanora", {"rank": 16, "lora_dropout": 0.0, "spr_lambda": 1e-3, "spr_normalization": "init"}),
+    "thanora_balanced": ("thanora", {"rank": 16, "lora_dropout": 0.0, "spr_lambda": 1e-3, "spr_normalization": "init",
+                                     "balance_factors": True}),
 }
 
 

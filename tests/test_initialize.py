@@ -92,6 +92,28 @@ def test_per_factor_gamma_squares_the_product() -> None:
             torch.testing.assert_close(got, gamma * got_sqrt, rtol=1e-5, atol=1e-5)
 
 
+def test_balanced_factors_keep_every_product_and_equalise_each_index() -> None:
+    paper = hasi_factors(SPECTRA, PLAN, TARGETS, ThanoraConfig(rank=R))
+    balanced = hasi_factors(SPECTRA, PLAN, TARGETS, ThanoraConfig(rank=R, balance_factors=True))
+    unbalanced_somewhere = False
+    for name in TARGETS:
+        p, b = paper[name], balanced[name]
+        torch.testing.assert_close(b.lora_B.double() @ b.lora_A.double(), p.lora_B.double() @ p.lora_A.double(),
+                                   rtol=1e-5, atol=1e-6)
+        for task in TASKS:
+            start, stop = b.blocks[task]
+            torch.testing.assert_close(b.lora_B[:, start:stop].norm(dim=0), b.lora_A[start:stop].norm(dim=1),
+                                       rtol=1e-5, atol=0)
+            ratio = p.lora_A[start:stop].norm(dim=1) / p.lora_B[:, start:stop].norm(dim=0)
+            unbalanced_somewhere |= bool((ratio - 1).abs().max() > 0.1)  # the paper's split is not balanced
+        start, stop = b.blocks[COOP]
+        torch.testing.assert_close(b.lora_A[start:stop], p.lora_A[start:stop], rtol=0, atol=0)  # coop untouched
+        torch.testing.assert_close(b.lora_B[:, start:stop], p.lora_B[:, start:stop], rtol=0, atol=0)
+    assert unbalanced_somewhere
+    with pytest.raises(ValueError, match="balance_factors"):
+        ThanoraConfig(rank=R, balance_factors="yes")
+
+
 def test_coop_block_zero_b_seeded_a() -> None:
     a1 = hasi_factors(SPECTRA, PLAN, TARGETS, ThanoraConfig(rank=R, seed=3))
     a2 = hasi_factors(SPECTRA, PLAN, TARGETS, ThanoraConfig(rank=R, seed=3))

@@ -59,6 +59,15 @@ def test_branch_mode_makes_the_init_exact_in_low_precision(dtype: torch.dtype) -
     assert errors["branch"] <= 0.25 * errors["rewrite"] and errors["rewrite"] > 0, errors
 
 
+def test_a_rewritten_residual_that_overflows_fp16_is_an_error_and_branch_works() -> None:
+    # SmolLM2 in fp16 with γ = 5 gives NaN logits with rewrite (benchmarks/results/low_precision.md); a huge γ does
+    # the same to the tiny model's weights
+    with pytest.raises(ValueError, match=r"residual_mode=rewrite.*float16.*residual_mode: branch"):
+        prepared("rewrite", torch.float16, gamma=1e9)
+    branch = prepared("branch", torch.float16, gamma=1e9)
+    assert bool(torch.isfinite(logits(branch, random_batch(7)).float()).all())
+
+
 def test_branch_and_rewrite_export_and_merge_the_same(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -61,6 +61,7 @@ def inject_(
         peft_model.base_model.set_adapter([ADAPTER_NAME, RESIDUAL_ADAPTER])
     base = peft_model.base_model.model
     layers = {name: base.get_submodule(name) for name in inits}
+    overflowed: list[str] = []
     with torch.no_grad():
         for name, init in inits.items():
             layer = layers[name]
@@ -80,6 +81,15 @@ def inject_(
                 W = W.to(torch.promote_types(W.dtype, torch.float32))  # at least float32; float64 stays float64
                 delta = cfg.scaling * (init.lora_B.to(W) @ init.lora_A.to(W))  # (d_out, d_in)
                 set_weight_matrix_(layer.base_layer, W - delta)
+                if not bool(torch.isfinite(weight_matrix(layer.base_layer)).all()):
+                    overflowed.append(name)
+    if overflowed:
+        dtype = weight_matrix(layers[overflowed[0]].base_layer).dtype
+        raise ValueError(f"residual_mode=rewrite: W_res = W - s*B0*A0 does not fit the base's {dtype} in "
+                         f"{len(overflowed)} module(s) (e.g. {overflowed[0]}): the rewritten weights overflow, so the "
+                         "model would output NaN; use residual_mode: branch (the residual stays in float32, exact "
+                         "init) or load the base in bfloat16/float32, then prepare a freshly loaded model (this one "
+                         "was modified)")
     adapter = ThanoraAdapter(
         config=cfg,
         plan=plan,

@@ -31,6 +31,13 @@ class ThanoraConfig:
         gamma: global factor on the task blocks' initial product.
         gamma_mode: ``"sqrt_per_factor"`` multiplies B_t and A_t by √γ (product × γ); ``"per_factor"`` multiplies
             each factor by γ (product × γ², the paper's literal wording).
+        balance_factors: rescale, in every task block, each rank index's column b_i of B_t and row a_i of A_t to
+            equal norms (b_i·c, a_i/c with c = √(‖a_i‖/‖b_i‖)); B_t·A_t, so the init and the residual, are unchanged.
+            The paper's split gives both factors √S̃, but A_t's rows are √S̃·v̂ᵢ with v̂ᵢ the covariance-whitened
+            direction (it grows as C^(-1/2)), so A_t is far larger than B_t where inputs have little variance, and
+            Adam, which moves every entry by about the learning rate, moves s·B·A by an amount set by the larger
+            factor. Balanced factors take the smallest such step for the same product (a thanora option, not in
+            the paper; `benchmarks/update_size.py` measures the update size with and without it).
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
         residual_mode: how the residual is held. ``"rewrite"`` (the paper's, PEFT's PiSSA/CorDA): the base weight
             becomes W_res = W − s·B₀A₀, rounded to the base's dtype. ``"branch"`` (a thanora option): the base keeps
@@ -70,6 +77,7 @@ class ThanoraConfig:
     r_min: int = 1
     gamma: float = 5.0
     gamma_mode: GammaMode = "sqrt_per_factor"
+    balance_factors: bool = False
     residual: bool = True
     residual_mode: ResidualMode = "rewrite"
     spr_lambda: float = 1e-4
@@ -95,6 +103,8 @@ class ThanoraConfig:
         _require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
         _require(self.gamma_mode in ("sqrt_per_factor", "per_factor"), "gamma_mode",
                  f"must be 'sqrt_per_factor' or 'per_factor', got {self.gamma_mode!r}")
+        _require(isinstance(self.balance_factors, bool), "balance_factors",
+                 f"must be true or false, got {self.balance_factors!r}")
         _require(self.residual_mode in ("rewrite", "branch"), "residual_mode",
                  f"must be 'rewrite' or 'branch', got {self.residual_mode!r}")
         _require(self.spr_lambda >= 0, "spr_lambda", f"must be >= 0, got {self.spr_lambda}")

@@ -46,7 +46,8 @@ def hasi_factors(
 
     Task block t: B_t = U_t[:, :r_t]·diag(√S̃), A_t = diag(√S̃)·V̂_tᵀ[:r_t] with S̃ = S/s, both multiplied by √γ
     (``gamma_mode="sqrt_per_factor"``) or γ (``"per_factor"``); so s·B_t·A_t = γ·U_t S_t V̂_tᵀ (top r_t), whatever
-    lora_alpha is. Cooperative block: A Kaiming-uniform (LoRA's init, seeded by ``cfg.seed``), B zero.
+    lora_alpha is; with ``balance_factors`` each index's column of B_t and row of A_t are rescaled to equal norms
+    (same product). Cooperative block: A Kaiming-uniform (LoRA's init, seeded by ``cfg.seed``), B zero.
 
     Args:
         spectra: ``{task: {module: Spectrum}}`` with at least R triplets each.
@@ -71,6 +72,10 @@ def hasi_factors(
             root = (s.S.float() / cfg.scaling).sqrt() * factor_gain  # (r_t,)
             B[:, start:stop] = s.U.float() * root
             A[start:stop] = root[:, None] * s.Vh.float()
+            if cfg.balance_factors:  # column i of B and row i of A to equal norms; the product is unchanged
+                c = (A[start:stop].norm(dim=1) / B[:, start:stop].norm(dim=0)).sqrt()
+                B[:, start:stop] *= c
+                A[start:stop] /= c[:, None]
         start, stop = blocks[COOP]
         bound = 1.0 / math.sqrt(target.d_in)  # kaiming_uniform_(a=√5), as PEFT/LoRA initialise A
         A[start:stop].uniform_(-bound, bound, generator=generator)

@@ -41,8 +41,14 @@ def check_sharding(distributed_type: DistributedType | str) -> None:
     ``accelerator.prepare`` (checkpoints, resume, gradient clipping), regularisers read whole factors from the
     unwrapped model after the forward pass, and export reads whole parameters: under FSDP / ZeRO-3 each of these would
     see stale tensors or shards and save or penalise the wrong values without an error. accelerate switches FSDP on
-    only for accelerator devices (on CPU ``ACCELERATE_USE_FSDP`` leaves the run ``MULTI_CPU``), so the sharded path
-    cannot be tested where this library is developed. The adapters of the models this tool targets are small and a
+    only for accelerator devices (on CPU ``ACCELERATE_USE_FSDP`` leaves the run ``MULTI_CPU``). torch's own FSDP2
+    (``fully_shard``) does run on CPU with gloo (measured: two processes, a tiny Llama with PEFT LoRA on q/v, each
+    decoder layer and the root sharded, forward and backward), so a sharded path could be built and tested here; it
+    is not built yet, because each of the points above needs its own sharded form: SPR from DTensor shards
+    (``full_tensor()`` sums its backward over processes, so a penalty every process computes whole would count
+    once per process; computed in each layer's forward, where FSDP2 has gathered the parameters, its backward may
+    run after the gathered storage is freed), checkpoints and export through ``torch.distributed.checkpoint``'s
+    full state dicts, clipping over DTensor gradients. The adapters of the models this tool targets are small and a
     7B base in bf16 fits one GPU, so DDP (the default of ``accelerate launch``) is the multi-GPU / multi-node mode.
 
     Raises:
