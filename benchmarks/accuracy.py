@@ -20,7 +20,8 @@ The ``small`` scale (CPU hours, the deciding table) trains at least ``min_steps`
 up to 1,000 training examples per task and scores the largest evaluation splits there are (CSQA 321, OBQA test 500,
 ARC-Easy test 1,000, BoolQ 1,000); its methods are LoRA, ThanoRA (HASI + SPR), HASI only, CorDA and single-task LoRA
 (one adapter per task, trained on that task alone with the same per-task examples and as many passes over them, each
-scored on its own task; the row ``lora_single``), and ``--methods`` adds the others. With ``--effects`` every final
+scored on its own task; the row ``lora_single``) and ThanoRA with ``balance_factors`` (``thanora_balanced``: the
+update-size option beyond the paper, ablated here), and ``--methods`` adds the others. With ``--effects`` every final
 run also measures what the adapter costs the model elsewhere (`model_effects`: KL to the base model on held-out plain
 text, the score on HellaSwag, which no method trains on) and, for ThanoRA, which task each block carries (seed 0:
 the T × T accuracy drop when one task's block is reset to its initial factors).
@@ -61,7 +62,7 @@ SCALES: dict[str, dict[str, Any]] = {
               "lrs": [3e-5, 1e-4, 3e-4, 1e-3], "batch_size": 8, "epochs": 1, "min_steps": 250,
               # per task (training examples, evaluation questions): the largest splits there are
               "tasks": {"csqa": (900, 321), "obqa": (500, 500), "arc_easy": (570, 1000), "boolq": (1000, 1000)},
-              "methods": ["lora", "thanora", "hasi_only", "corda", "lora_single"]},
+              "methods": ["lora", "thanora", "hasi_only", "corda", "lora_single", "thanora_balanced"]},
     "full": {"n_train": 900, "n_dev": 100, "n_eval": 300, "n_calibration": 128, "rank": 64,
              "lrs": [5e-5, 1e-4, 2e-4, 5e-4], "batch_size": 8, "epochs": 2},
 }

@@ -34,10 +34,12 @@ class ThanoraConfig:
         balance_factors: rescale, in every task block, each rank index's column b_i of B_t and row a_i of A_t to
             equal norms (b_i·c, a_i/c with c = √(‖a_i‖/‖b_i‖)); B_t·A_t, so the init and the residual, are unchanged.
             The paper's split gives both factors √S̃, but A_t's rows are √S̃·v̂ᵢ with v̂ᵢ the covariance-whitened
-            direction (it grows as C^(-1/2)), so A_t is far larger than B_t where inputs have little variance, and
-            Adam, which moves every entry by about the learning rate, moves s·B·A by an amount set by the larger
-            factor. Balanced factors take the smallest such step for the same product (a thanora option, not in
-            the paper; `benchmarks/update_size.py` measures the update size with and without it).
+            direction, not a unit vector, so the two factors' norms differ per module (SmolLM2, mean over modules:
+            ‖A‖ 30, ‖B‖ 91), and Adam, which moves every entry by about the learning rate, moves s·B·A by an amount
+            that grows with the larger factor. Measured (`benchmarks/results/update_size.md`, SmolLM2, CSQA + OBQA,
+            rank 16, 50 steps): balancing cuts ThanoRA's per-step ‖ΔW‖/‖W‖ by 31-38 % (still 13-15x LoRA's, whose B
+            starts at zero) and at lr 3e-4 keeps its loss at 5.99 after 50 steps where the paper's split climbs back
+            to 6.97 (LoRA 5.73). A thanora option, not in the paper.
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
         residual_mode: how the residual is held. ``"rewrite"`` (the paper's, PEFT's PiSSA/CorDA): the base weight
             becomes W_res = W − s·B₀A₀, rounded to the base's dtype. ``"branch"`` (a thanora option): the base keeps
