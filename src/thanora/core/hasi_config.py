@@ -38,8 +38,8 @@ class ThanoraConfig:
             ‖A‖ 30, ‖B‖ 91), and Adam, which moves every entry by about the learning rate, moves s·B·A by an amount
             that grows with the larger factor. Measured (`benchmarks/results/update_size.md`, SmolLM2, CSQA + OBQA,
             rank 16, 50 steps): balancing cuts ThanoRA's per-step ‖ΔW‖/‖W‖ by 31-38 % (still 13-15x LoRA's, whose B
-            starts at zero) and at lr 3e-4 keeps its loss at 5.99 after 50 steps where the paper's split climbs back
-            to 6.97 (LoRA 5.73). A thanora option, not in the paper.
+            starts at zero) and at lr 3e-4 its training loss tracks LoRA's and CorDA's, where the paper's split stays
+            about a point above them from the fifth step on. A thanora option, not in the paper.
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
         residual_mode: how the residual is held. ``"rewrite"`` (the paper's, PEFT's PiSSA/CorDA): the base weight
             becomes W_res = W − s·B₀A₀, rounded to the base's dtype. ``"branch"`` (a thanora option): the base keeps
