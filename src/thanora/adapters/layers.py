@@ -11,7 +11,8 @@ in-memory adapter is wrong on the original model) or adds the frozen −s·B₀A
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -28,6 +29,30 @@ from thanora.core.targets import Target, set_weight_matrix_, weight_matrix
 
 logger = logging.getLogger(__name__)
 
+# At step 0 the prepared model must be the pretrained one. With ``residual_mode: rewrite`` in low precision it may not
+# be (SmolLM2, γ = 5: max |Δlogit| 0.66 of the logits' spread in bf16, NaN in fp16; 1e-4 in float32:
+# benchmarks/results/low_precision.md), so `inject_` checks one calibration batch and warns above this.
+INIT_TOLERANCE = 0.01
+
+
+def first_batch(calibration: Mapping[str, Iterable[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The first batch of the first task, where the batches can be read again (a list or tuple), else None."""
+    batches = next(iter(calibration.values()), None)
+    return batches[0] if isinstance(batches, list | tuple) and batches else None
+
+
+def _logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+              if k not in ("labels", "task_id")}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits.float()
+    finally:
+        model.train(was_training)
+
 
 def inject_(
     model: nn.Module,
@@ -35,6 +60,7 @@ def inject_(
     inits: Mapping[str, ModuleInit],
     plan: RankPlan,
     cfg: ThanoraConfig,
+    probe: dict[str, Any] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with PEFT LoRA layers holding the HASI factors (and the residual base if configured).
 
@@ -44,10 +70,18 @@ def inject_(
         inits: the initial factors from `hasi_factors`.
         plan: the rank plan.
         cfg: rank, alpha, dropout, residual switch.
+        probe: a calibration batch (`first_batch`); with a rewritten residual base, the prepared model's logits on
+            it are compared with the pretrained model's: non-finite ones are an error, a difference above
+            `INIT_TOLERANCE` of their spread a warning (both name ``residual_mode: branch``).
 
     Returns:
         The `PeftModel` (only the LoRA factors are trainable), with its `ThanoraAdapter` attached.
+
+    Raises:
+        ValueError: the rewritten base overflows its dtype (weights or, on ``probe``, activations).
     """
+    rewrite = cfg.residual and cfg.residual_mode == "rewrite"
+    reference = _logits(model, probe) if probe is not None and rewrite else None
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = lora_config(model, targets, cfg.rank, cfg.alpha, cfg.lora_dropout,
                          fan_in_fan_out=any(t.fan_in_fan_out for t in targets.values()),
@@ -83,13 +117,22 @@ def inject_(
                 set_weight_matrix_(layer.base_layer, W - delta)
                 if not bool(torch.isfinite(weight_matrix(layer.base_layer)).all()):
                     overflowed.append(name)
+    dtype = weight_matrix(next(iter(layers.values())).base_layer).dtype if layers else None
+    fix = ("use residual_mode: branch (the residual stays in float32, exact init) or a float32 base, then prepare a "
+           "freshly loaded model (this one was modified)")
     if overflowed:
-        dtype = weight_matrix(layers[overflowed[0]].base_layer).dtype
         raise ValueError(f"residual_mode=rewrite: W_res = W - s*B0*A0 does not fit the base's {dtype} in "
-                         f"{len(overflowed)} module(s) (e.g. {overflowed[0]}): the rewritten weights overflow, so the "
-                         "model would output NaN; use residual_mode: branch (the residual stays in float32, exact "
-                         "init) or load the base in bfloat16/float32, then prepare a freshly loaded model (this one "
-                         "was modified)")
+                         f"{len(overflowed)} module(s) (e.g. {overflowed[0]}): the model would output NaN; {fix}")
+    if reference is not None:
+        error = _logits(peft_model, probe).sub_(reference).abs_().max()
+        if not bool(torch.isfinite(error)):
+            raise ValueError(f"residual_mode=rewrite: with W_res = W - s*B0*A0 in {dtype} the prepared model outputs "
+                             f"NaN/Inf on a calibration batch (its activations overflow); {fix}")
+        relative = float(error) / max(float(reference.std()), 1e-12)
+        if relative > INIT_TOLERANCE:
+            logger.warning("residual_mode=rewrite in %s: at step 0 the prepared model's logits differ from the "
+                           "pretrained model's by up to %.3g of their spread (W_res is rounded to %s); "
+                           "residual_mode: branch keeps the init exact", dtype, relative, dtype)
     adapter = ThanoraAdapter(
         config=cfg,
         plan=plan,

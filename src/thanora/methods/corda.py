@@ -36,7 +36,7 @@ from typing import Any
 from peft import PeftModel
 from torch import nn
 
-from thanora.adapters.layers import inject_
+from thanora.adapters.layers import first_batch, inject_
 from thanora.core.allocation import ModulePlan, RankPlan, normalized_entropy
 from thanora.core.hasi_config import ResidualMode, StatsDtype, SvdMode, ThanoraConfig
 from thanora.core.initialize import hasi_factors
@@ -144,7 +144,7 @@ def prepare_corda(model: nn.Module, settings: CordaSettings, ctx: MethodContext)
                         {name: ModulePlan((config.rank,), 0, (normalized_entropy(s.S[: config.rank]),))
                          for name, s in spectra.items()})
         inits = hasi_factors({pooled: spectra}, plan, targets, config)
-        peft_model = inject_(model, targets, inits, plan, config)
+        peft_model = inject_(model, targets, inits, plan, config, first_batch(ctx.calibration))
     peft_model.train(was_training)  # get_peft_model switches to train mode; keep the caller's mode
     return peft_model
 

@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 
 from thanora.adapters.export import export_adapter
-from thanora.adapters.layers import inject_
+from thanora.adapters.layers import first_batch, inject_
 from thanora.adapters.record import adapter_of, lora_factors, spr_groups
 from thanora.core.allocation import RankPlan, allocate_ranks, min_budget, normalized_entropy
 from thanora.core.covariance import Batch, collect_covariances, covariance_groups
@@ -85,7 +85,7 @@ def prepare_model(
     logger.info("%s", plan.summary())
     inits = hasi_factors(spectra, plan, targets, config)
     was_training = model.training
-    peft_model = inject_(model, targets, inits, plan, config)
+    peft_model = inject_(model, targets, inits, plan, config, first_batch(calibration))
     peft_model.train(was_training)  # get_peft_model switches to train mode; keep the caller's mode
     return peft_model
 
