@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["vs_lora"] = bootstrap_diff(per_question[label], per_question["lora"])
         if label in effects:
             row["effects"] = summarize_effects(effects[label])
+        overlaps = [o for o in (block_overlap_of(root / f"seed{seed}" / label) for seed in args.seeds) if o]
+        if overlaps:
+            row["overlap"] = {k: statistics.mean(o[k] for o in overlaps) for k in overlaps[0]}
         rows[label] = row
     result = {
         "benchmark": "accuracy",
@@ -450,6 +453,24 @@ def shared_rate_view(dev: dict[str, dict[float, dict[str, Any]]], tasks: list[st
     return out
 
 
+def block_overlap_of(folder: Path) -> dict[str, float] | None:
+    """Mean off-diagonal task-block overlap over the modules (`thanora.core.regularizers.block_overlap`, 0 for
+    orthogonal blocks, 1 for the same subspace) at init and after training, from a run's ``overlap.json`` (methods
+    with task blocks); None where there is none."""
+    path = folder / "overlap.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    n = len(data["tasks"])
+    if n < 2:
+        return None
+
+    def mean_off_diagonal(by_module: dict[str, list[list[float]]]) -> float:
+        return statistics.mean(m[i][j] for m in by_module.values() for i in range(n) for j in range(n) if i != j)
+
+    return {stage: mean_off_diagonal(data[stage]) for stage in ("before", "after") if data.get(stage)}
+
+
 def summarize_effects(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over seeds of KL to the base model and of the unseen-task score; the ablation matrix where measured."""
     out: dict[str, Any] = {}
@@ -512,7 +533,23 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 f"{100 * row['vs_lora'][t][0]:+.1f} [{100 * row['vs_lora'][t][1]:+.1f}, "
                 f"{100 * row['vs_lora'][t][2]:+.1f}]" for t in tasks) + " |")
-    return "\n".join(lines + effects_table(result) + sweep_table(result) + shared_rate_table(result)) + "\n"
+    return "\n".join(lines + effects_table(result) + overlap_table(result) + sweep_table(result)
+                     + shared_rate_table(result)) + "\n"
+
+
+def overlap_table(result: dict[str, Any]) -> list[str]:
+    """The task blocks' mutual overlap before and after training (with and without SPR: does SPR keep them apart?)."""
+    rows = {label: row["overlap"] for label, row in result["rows"].items() if "overlap" in row}
+    if not rows:
+        return []
+    lines = ["", "Task-block overlap, mean over modules and task pairs (mean squared cosine of the principal angles "
+             "between two tasks' blocks, B and A averaged; 0 = orthogonal), mean over seeds:", "",
+             "| method | at init | after training |", "|---|---|---|"]
+    for label, overlap in rows.items():
+        before = f"{overlap['before']:.4f}" if "before" in overlap else "–"
+        after = f"{overlap['after']:.4f}" if "after" in overlap else "–"
+        lines.append(f"| {label} | {before} | {after} |")
+    return lines
 
 
 def training_sentence(result: dict[str, Any]) -> str:

@@ -188,6 +188,18 @@ def test_single_task_lora_is_one_adapter_per_task_with_its_share_of_the_steps(ac
     config_from_dict(config)  # a valid run config
 
 
+def test_block_overlap_summary_is_the_mean_off_diagonal_entry(accuracy: Any, tmp_path: Path) -> None:
+    import json
+
+    assert accuracy.block_overlap_of(tmp_path) is None  # a method without task blocks
+    overlap = {"tasks": ["a", "b"], "before": {"m1": [[1.0, 0.8], [0.8, 1.0]], "m2": [[1.0, 0.4], [0.4, 1.0]]},
+               "after": {"m1": [[1.0, 0.2], [0.2, 1.0]], "m2": [[1.0, 0.0], [0.0, 1.0]]}}
+    (tmp_path / "overlap.json").write_text(json.dumps(overlap))
+    assert accuracy.block_overlap_of(tmp_path) == pytest.approx({"before": 0.6, "after": 0.1})
+    lines = accuracy.overlap_table({"rows": {"thanora": {"overlap": {"before": 0.6, "after": 0.1}}, "lora": {}}})
+    assert lines[-1] == "| thanora | 0.6000 | 0.1000 |" and not any("lora" in line for line in lines)
+
+
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:
     with pytest.raises(SystemExit):
         accuracy.main(["--lr", "1e-3", "--lrs", "1e-4"])
