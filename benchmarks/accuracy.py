@@ -21,7 +21,8 @@ up to 1,000 training examples per task and scores the largest evaluation splits 
 ARC-Easy test 1,000, BoolQ 1,000); its methods are LoRA, ThanoRA (HASI + SPR), HASI only, CorDA and single-task LoRA
 (one adapter per task, trained on that task alone with the same per-task examples and as many passes over them, each
 scored on its own task; the row ``lora_single``) and ThanoRA with ``balance_factors`` (``thanora_balanced``: the
-update-size option beyond the paper, ablated here), and ``--methods`` adds the others. With ``--effects`` every final
+update-size option beyond the paper, ablated here) and with λ = 0.1 (``thanora_spr_strong``: at the demo's 1e-3
+SPR does not move the blocks), and ``--methods`` adds the others. With ``--effects`` every final
 run also measures what the adapter costs the model elsewhere (`model_effects`: KL to the base model on held-out plain
 text, the score on HellaSwag, which no method trains on) and, for ThanoRA, which task each block carries (seed 0:
 the T × T accuracy drop when one task's block is reset to its initial factors).
@@ -62,7 +63,8 @@ SCALES: dict[str, dict[str, Any]] = {
               "lrs": [3e-5, 1e-4, 3e-4, 1e-3], "batch_size": 8, "epochs": 1, "min_steps": 250,
               # per task (training examples, evaluation questions): the largest splits there are
               "tasks": {"csqa": (900, 321), "obqa": (500, 500), "arc_easy": (570, 1000), "boolq": (1000, 1000)},
-              "methods": ["lora", "thanora", "hasi_only", "corda", "lora_single", "thanora_balanced"]},
+              "methods": ["lora", "thanora", "hasi_only", "corda", "lora_single", "thanora_balanced",
+                          "thanora_spr_strong"]},
     "full": {"n_train": 900, "n_dev": 100, "n_eval": 300, "n_calibration": 128, "rank": 64,
              "lrs": [5e-5, 1e-4, 2e-4, 5e-4], "batch_size": 8, "epochs": 2},
 }
@@ -101,6 +103,10 @@ def method_entries(rank: int) -> list[dict[str, Any]]:
         {"name": "thanora", "rank": rank, "spr_lambda": 1e-3, "spr_normalization": "init", "lora_dropout": 0.0},
         {"name": "thanora", "label": "thanora_balanced", "rank": rank, "spr_lambda": 1e-3, "spr_normalization": "init",
          "lora_dropout": 0.0, "balance_factors": True},
+        # λ = 1e-3 (init-normalised) leaves the blocks as they are (the penalty went 1.0 -> 0.99997 of its initial
+        # value over 250 steps of the small table, answers identical to HASI only): 100x, where SPR has to act
+        {"name": "thanora", "label": "thanora_spr_strong", "rank": rank, "spr_lambda": 0.1,
+         "spr_normalization": "init", "lora_dropout": 0.0},
         {"name": "lora", "label": SINGLE, "rank": rank},  # expanded per task by `expand_single`
     ]
 
