@@ -3,14 +3,18 @@ refusal of sharded training (`check_sharding`: why is in its docstring)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-if TYPE_CHECKING:
-    from thanora.training.train import TrainConfig
+
+class TrainConfig(Protocol):
+    """What this module reads of `thanora.training.train.TrainConfig` (a protocol, so the two modules do not import
+    each other)."""
+
+    mixed_precision: str
 
 _SHARDED = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}  # see check_sharding
 
