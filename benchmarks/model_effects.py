@@ -33,6 +33,12 @@ def _base(cfg: Any) -> tuple[torch.nn.Module, Any]:
     return load_model(cfg, torch.device("cpu")), load_tokenizer(cfg)
 
 
+def _tokenizer(cfg: Any) -> Any:
+    from thanora.experiment.models import load_tokenizer
+
+    return load_tokenizer(cfg)
+
+
 def load_trained(cfg: Any, adapter: Path) -> torch.nn.Module:
     """The base model of ``cfg`` with the exported ``adapter`` (PEFT or thanora-native) loaded, eval mode."""
     from peft import PeftModel
@@ -91,7 +97,7 @@ def unseen_task(cfg: Any, adapter: Path | None) -> dict[str, Any]:
     from thanora.evaluation.evaluate import EvalConfig, EvalTask, evaluate
 
     model = load_trained(cfg, adapter) if adapter is not None else _base(cfg)[0]
-    _, tokenizer = _base(cfg)
+    tokenizer = _tokenizer(cfg)
     task = build_task(TaskConfig(UNSEEN_TASK, UNSEEN_TASK, n_train=1, n_eval=UNSEEN_QUESTIONS, n_calibration=1), 0)
     result = evaluate(model, tokenizer, [EvalTask(UNSEEN_TASK, task.eval, "ranked", "accuracy")], EvalConfig(32),
                       torch.device("cpu"), progress=False)[UNSEEN_TASK]
@@ -108,7 +114,7 @@ def block_ablation(cfg: Any, adapter: Path, tasks: list[Any]) -> dict[str, Any]:
     sidecar = json.loads((adapter / "thanora_adapter.json").read_text())
     names = list(sidecar["rank_plan"]["tasks"])
     weights = load_file(str(adapter / "adapter_model.safetensors"))
-    _, tokenizer = _base(cfg)
+    tokenizer = _tokenizer(cfg)
     eval_tasks = [EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric) for t in tasks]
 
     def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
