@@ -30,8 +30,9 @@ the T × T accuracy drop when one task's block is reset to its initial factors).
 Answer formats where training moves a 135M model: CSQA / OBQA / BoolQ ranked (option text scored by length-normalised
 log-likelihood); ARC-Easy in the letter format (paper style) in the 4-task mixture, which a 135M model barely moves:
 its row shows that. Every run goes through `thanora.experiment.pipeline.run` (the same code as ``thanora run``); run
-folders
-are kept under ``runs/benchmarks/accuracy/``.
+folders are kept under ``runs/benchmarks/accuracy/`` (git-ignored) and each finished run's metrics and measurements
+under ``benchmarks/results/runs/`` (`run_records`, committed): a re-entered benchmark, even on a fresh checkout,
+trains only what is not recorded.
 
     python benchmarks/accuracy.py --mixture 2 --scale tiny            # this machine (2 CPU cores)
     python benchmarks/accuracy.py --mixture 2 --scale full --device cuda
@@ -50,6 +51,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+import run_records
 from common import publish, resolve_device, run_metadata
 
 RESULTS = Path(__file__).parent / "results"
@@ -213,13 +215,24 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     from thanora.experiment.pipeline import run as run_pipeline
 
     labels = [m.get("label", m["name"]) for m in config["methods"]]
+    record = run_records.load(out)
+    if record.get("config") == config and all(label in record["metrics"] for label in labels):
+        return record["metrics"]  # committed: the run folder may be long gone
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
         metrics = json.loads((out / "metrics.json").read_text())
         if all(label in metrics for label in labels):
-            return metrics  # else: a finished run asked for more methods; resuming trains only the missing ones
+            return recorded_run(out, config, metrics)
+        # else: a finished run asked for more methods; resuming trains only the missing ones
     resume = (out / "run.json").is_file()
-    return run_pipeline(config_from_dict(config), out, overwrite=not resume and out.exists(), resume=resume,
-                        progress=False)
+    metrics = run_pipeline(config_from_dict(config), out, overwrite=not resume and out.exists(), resume=resume,
+                           progress=False)
+    return recorded_run(out, config, metrics)
+
+
+def recorded_run(out: Path, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Record a finished run's config, metrics and stage timings (`run_records`: what survives ``runs/``)."""
+    timings = json.loads((out / "run.json").read_text())["timings_s"]
+    return run_records.update(out, config=config, metrics=metrics, timings_s=timings)["metrics"]
 
 
 class LrChoice(NamedTuple):
@@ -246,8 +259,15 @@ def lrs_from(path: Path, labels: list[str]) -> LrChoice:
 
 
 def run_seconds(folders: list[Path]) -> float:
-    """Stage wall time summed over the table's run folders (what it cost, even when re-rendered)."""
-    return sum(sum(json.loads((folder / "run.json").read_text())["timings_s"].values()) for folder in folders)
+    """Stage wall time summed over the table's runs (what it cost, even when re-rendered), from their records where
+    the run folder is gone."""
+
+    def timings(folder: Path) -> dict[str, float]:
+        if (folder / "run.json").is_file():
+            return json.loads((folder / "run.json").read_text())["timings_s"]
+        return run_records.load(folder).get("timings_s", {})
+
+    return sum(sum(timings(folder).values()) for folder in folders)
 
 
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
@@ -328,10 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               folders[-1])
                 moved = {}
                 if args.effects:  # how far each rate moves the model: KL to the base only (the cheap part)
-                    from model_effects import effects_of_run
-
-                    moved = effects_of_run(folders[-1], {e.get("label", e["name"]): rows_of[e.get("label", e["name"])]
-                                                         for e in group}, False, root, unseen=False)
+                    moved = run_effects(folders[-1], {e.get("label", e["name"]): rows_of[e.get("label", e["name"])]
+                                                      for e in group}, False, unseen=False)
                 for entry in group:
                     label = entry.get("label", entry["name"])
                     dev.setdefault(label, {})[lr] = row_metrics(metrics, rows_of[label])
@@ -351,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finals: dict[str, list[dict[str, Any]]] = {}
     base: dict[str, Any] | None = None
     effects: dict[str, list[dict[str, Any]]] = {}
+    overlaps: dict[int, dict[str, dict[str, float] | None]] = {}  # seed -> label -> task-block overlap
     for seed in args.seeds:
         folders.append(root / f"seed{seed}")
         metrics = run(run_config(eval_tasks, with_rates(entries, chosen), lrs[0], seed, scale, args.mixture,
@@ -359,13 +378,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label in labels:
             finals.setdefault(label, []).append(row_metrics(metrics, rows_of[label]))
         if args.effects:
-            from model_effects import effects_of_run
-
-            for label, measured in effects_of_run(folders[-1], rows_of, seed == args.seeds[0], root).items():
+            for label, measured in run_effects(folders[-1], rows_of, seed == args.seeds[0]).items():
                 effects.setdefault(label, []).append(measured)
+        overlaps[seed] = run_records.recorded(folders[-1], "overlap", lambda folder=folders[-1]: {
+            label: block_overlap_of(folder / label) for label in labels})
         print(f"seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
     # 3. aggregate, rows in the methods' order
+    base_unseen = run_records.table_dir(root) / "base_unseen.json"
     tasks = [t[0] for t in MIXTURES[args.mixture]]
     rows = {}
     per_question = {label: {t: np.mean([np.asarray(r[t]["correct"], dtype=float) for r in runs], axis=0)
@@ -380,9 +400,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["vs_lora"] = bootstrap_diff(per_question[label], per_question["lora"])
         if label in effects:
             row["effects"] = summarize_effects(effects[label])
-        overlaps = [o for o in (block_overlap_of(root / f"seed{seed}" / label) for seed in args.seeds) if o]
-        if overlaps:
-            row["overlap"] = {k: statistics.mean(o[k] for o in overlaps) for k in overlaps[0]}
+        measured = [o for o in (overlaps[seed].get(label) for seed in args.seeds) if o]
+        if measured:
+            row["overlap"] = {k: statistics.mean(o[k] for o in measured) for k in measured[0]}
         rows[label] = row
     result = {
         "benchmark": "accuracy",
@@ -396,12 +416,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run_minutes": round(run_seconds(folders) / 60, 1),
         "shared_rate": shared_rate_view(dev, tasks) if dev else None,
         "effects_sizes": effects_sizes() if args.effects else None,
-        "base_unseen": (json.loads((root / "base_unseen.json").read_text())["score"]
-                        if (root / "base_unseen.json").is_file() else None),
+        "base_unseen": (json.loads(base_unseen.read_text())["score"] if base_unseen.is_file() else None),
         "runs": str(root),
     }
     publish(out, result, render(result))
     return result
+
+
+def run_effects(folder: Path, rows_of: dict[str, list[str]], ablate: bool, unseen: bool = True) -> dict[str, Any]:
+    """`model_effects.effects_of_run` of the rows ``rows_of`` of a run, recorded per row in the run's record (the
+    adapters they are measured on go with the run folder): only rows not yet recorded are measured."""
+    from model_effects import effects_of_run
+
+    key = "effects" if unseen else "kl"
+    have = run_records.load(folder).get(key, {})
+    missing = {row: labels for row, labels in rows_of.items() if row not in have}
+    if missing:
+        have = run_records.update(folder, **{key: have | effects_of_run(folder, missing, ablate, run_records.table_dir(
+            folder.parent), unseen=unseen)})[key]
+    return {row: have[row] for row in rows_of}
 
 
 def effects_sizes() -> dict[str, int]:

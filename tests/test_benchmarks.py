@@ -96,6 +96,7 @@ def offline(accuracy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     monkeypatch.setattr(accuracy, "run", fake_run)
     monkeypatch.setattr(accuracy, "param_counts", lambda entries: {e.get("label", e["name"]): 1 for e in entries})
     monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
     return tmp_path
 
 
@@ -198,6 +199,60 @@ def test_block_overlap_summary_is_the_mean_off_diagonal_entry(accuracy: Any, tmp
     assert accuracy.block_overlap_of(tmp_path) == pytest.approx({"before": 0.6, "after": 0.1})
     lines = accuracy.overlap_table({"rows": {"thanora": {"overlap": {"before": 0.6, "after": 0.1}}, "lora": {}}})
     assert lines[-1] == "| thanora | 0.6000 | 0.1000 |" and not any("lora" in line for line in lines)
+
+
+def test_a_recorded_run_is_read_from_its_record_when_the_run_folder_is_gone(accuracy: Any, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import thanora.experiment.pipeline as pipeline
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    trained: list[Path] = []
+
+    def train(config: Any, out: Path, **_: Any) -> dict[str, Any]:
+        trained.append(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps({"status": "complete", "timings_s": {"lora": 60.0}}))
+        return {"lora": {"average": 0.5}}
+
+    monkeypatch.setattr(pipeline, "run", train)
+    scale = dict(accuracy.SCALES["tiny"])
+    tasks = accuracy.task_configs(2, scale, dev=True)
+    config = accuracy.run_config(tasks, accuracy.method_entries(16)[:1], 1e-4, 0, scale, 2, "cpu", False)
+    folder = tmp_path / "runs" / "table" / "sweep_lr0.0001"
+    assert accuracy.run(config, folder) == {"lora": {"average": 0.5}} and trained == [folder]
+    record = json.loads((tmp_path / "records" / "table" / "sweep_lr0.0001.json").read_text())
+    assert record["config"] == config and record["timings_s"] == {"lora": 60.0}
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh checkout: runs/ is git-ignored
+    assert accuracy.run(config, folder) == {"lora": {"average": 0.5}} and trained == [folder]  # not re-trained
+    assert accuracy.run_seconds([folder]) == 60.0
+    other = accuracy.run_config(tasks, accuracy.method_entries(16)[:1], 3e-4, 0, scale, 2, "cpu", False)
+    accuracy.run(other, folder)  # another config under the same name is trained, not answered from the record
+    assert len(trained) == 2
+
+
+def test_effects_are_recorded_per_row_and_only_missing_rows_are_measured(accuracy: Any, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    asked: list[list[str]] = []
+
+    def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, cache: Path,
+                       unseen: bool = True) -> dict[str, Any]:
+        asked.append(list(rows_of))
+        assert cache == tmp_path / "records" / "table"
+        return {row: {"kl_base_tuned": float(len(row))} for row in rows_of}
+
+    monkeypatch.setitem(sys.modules, "model_effects", types.SimpleNamespace(effects_of_run=effects_of_run))
+    folder = tmp_path / "runs" / "table" / "seed0"
+    assert accuracy.run_effects(folder, {"lora": ["lora"]}, False) == {"lora": {"kl_base_tuned": 4.0}}
+    both = accuracy.run_effects(folder, {"lora": ["lora"], "thanora": ["thanora"]}, False)
+    assert both == {"lora": {"kl_base_tuned": 4.0}, "thanora": {"kl_base_tuned": 7.0}}
+    assert asked == [["lora"], ["thanora"]]
+    assert accuracy.run_effects(folder, {"lora": ["lora"]}, False, unseen=False) == {"lora": {"kl_base_tuned": 4.0}}
+    assert asked[-1] == ["lora"]  # the KL-only measurement of the sweep is its own record
 
 
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:
