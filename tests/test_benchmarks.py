@@ -283,3 +283,16 @@ def test_train_cost_rounds_rotate_and_pair_each_ratio_with_loras_round(train_cos
                                                  "rounds": 3}},
                                "methods": list(rows.values())})
     assert "| mtlora | 1 | 2.00 (1.00-2.00) | 1.00 |" in table and "3 interleaved rounds" in table
+
+
+def test_batched_svd_agrees_with_the_per_module_loop_and_renders() -> None:
+    import torch
+
+    batched_svd = benchmark_module("batched_svd")
+    rows = [batched_svd.measure(("exact", 12, 8, 3, 4, "exact"), 2, torch.device("cpu")),
+            batched_svd.measure(("randomized", 40, 30, 2, 4, "randomized"), 1, torch.device("cpu"))]
+    assert rows[0]["max_rel_diff_singular_values"] < 1e-5  # the same LAPACK call, batched
+    assert rows[1]["max_rel_diff_singular_values"] < 1e-3  # other test matrices, the same top spectrum
+    table = batched_svd.render({"meta": {"command": "c", "timestamp_utc": "t", "machine": {"device": "cpu"}},
+                                "rounds": 2, "rows": rows})
+    assert "| exact | 12 x 8 | 3 | 4 | exact |" in table
