@@ -54,8 +54,9 @@ def check_sharding(distributed_type: DistributedType | str) -> None:
     run after the gathered storage is freed), checkpoints and export through ``torch.distributed.checkpoint``'s
     full state dicts, clipping over DTensor gradients. And the gain is small: the base is frozen, so sharding saves
     only its bytes per device during training, while calibration, evaluation and merge need it whole on one device
-    anyway (docs/DESIGN.md, the bullet on sharded training). The adapters of the models this tool targets are small and a 7B base
-    in bf16 fits one GPU, so DDP (the default of ``accelerate launch``) is the multi-GPU / multi-node mode.
+    anyway (docs/DESIGN.md, the bullet on sharded training). The adapters of the models this tool targets are small
+    and a 7B base in bf16 fits one GPU, so DDP (the default of ``accelerate launch``) is the multi-GPU / multi-node
+    mode.
 
     Raises:
         ValueError: a sharded distributed type (the message says what to use instead).
