@@ -310,9 +310,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--effects", action="store_true",
                         help="also measure KL to the base on plain text, the unseen-task score and (ThanoRA, seed 0) "
                              "the block ablation of every final run")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="stop after the learning-rate sweep and write its table (dev scores per method and rate, "
+                             "the chosen rates, the shared-rate view) to <out>_sweep: a finished piece of a long run")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.sweep_only and (args.lr or args.lrs_from):
+        parser.error("--sweep-only sweeps the rates here: drop --lr / --lrs-from")
     scale = dict(SCALES[args.scale])
     for key in ("rank", "n_train", "n_eval"):
         scale[key] = getattr(args, key) or scale[key]
@@ -364,6 +369,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the best dev average; a tie goes to the lowest rate (the smaller step), whatever the grid's order
         chosen = {label: max(sorted(scores), key=scores.__getitem__) for label, scores in sweep.items()}
         lrs = sorted({lr for scores in sweep.values() for lr in scores})
+        if args.sweep_only:
+            result = {"benchmark": "accuracy_sweep", "meta": run_metadata(vars(args) | {"out": out},
+                                                                          resolve_device(args.device)),
+                      "mixture": [t[0] for t in MIXTURES[args.mixture]], "scale": scale, "lrs": lrs,
+                      "methods": entries, "rows": {label: {"lr": chosen[label], "sweep": sweep[label]}
+                                                   for label in labels},
+                      "steps": steps_of(dev_tasks, scale), "n_dev": scale["n_dev"],
+                      "run_minutes": round(run_seconds(folders) / 60, 1),
+                      "shared_rate": shared_rate_view(dev, [t[0] for t in MIXTURES[args.mixture]])}
+            publish(out.parent / f"{out.name}_sweep", result, render_sweep(result))
+            return result
 
     # 2. final runs: one run per seed, every method at its own rate
     finals: dict[str, list[dict[str, Any]]] = {}
@@ -574,6 +590,20 @@ def render(result: dict[str, Any]) -> str:
                 f"{100 * row['vs_lora'][t][2]:+.1f}]" for t in tasks) + " |")
     return "\n".join(lines + effects_table(result) + overlap_table(result) + sweep_table(result)
                      + shared_rate_table(result)) + "\n"
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    """Markdown of a sweep on its own (``--sweep-only``): the dev scores per rate and the shared-rate view."""
+    meta, scale = result["meta"], result["scale"]
+    lines = [f"# Learning-rate sweep: {' + '.join(result['mixture'])} ({meta['args']['scale']} scale, dev slice)", "",
+             f"`{meta['command']}` on {meta['machine']['device']}, {meta['timestamp_utc']}, {result['run_minutes']} "
+             f"min of runs. SmolLM2-135M-Instruct, rank budget {scale['rank']}, {result['steps']} optimiser steps at "
+             f"batch {scale['batch_size']} on the training split minus a dev slice of {result['n_dev']} questions per "
+             "task, scored on that slice (standard error at most "
+             f"{50 / result['n_dev'] ** 0.5:.1f} points per task: the slice picks rates, it does not rank methods). "
+             "The final runs (every evaluation question, 3 seeds) train each method "
+             "at its chosen rate."]
+    return "\n".join(lines + sweep_table(result) + shared_rate_table(result)) + "\n"
 
 
 def overlap_table(result: dict[str, Any]) -> list[str]:

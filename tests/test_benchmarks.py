@@ -120,6 +120,22 @@ def test_sweep_picks_each_methods_rate_and_each_final_run_holds_every_method_at_
     assert "chosen on a held-out dev slice" in table and json.loads((offline / "table.json").read_text())
 
 
+def test_sweep_only_stops_after_the_sweep_and_writes_its_own_table(accuracy: Any, offline: Path) -> None:
+    argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--n-eval", "20", "--extend", "0", "--sweep-only",
+            "--out", str(offline / "table")]
+    result = accuracy.main(argv)
+    assert {label: row["lr"] for label, row in result["rows"].items()} == BEST
+    runs = next((offline / "runs").iterdir())
+    assert sorted(p.name for p in runs.iterdir()) == ["sweep_lr0.0003", "sweep_lr0.001"]  # no final run
+    assert not (offline / "table.md").exists()
+    table = (offline / "table_sweep.md").read_text()
+    assert "| lora | **62.5** | 50.0 |" in table and "Every method at one shared rate" in table  # 20 / 32 hits
+    point, lo, hi = result["shared_rate"]["dora"]["0.001"]["vs_lora"]
+    assert point == pytest.approx(0.125) and lo < point < hi  # 4 more hits of 32, paired bootstrap
+    with pytest.raises(SystemExit):
+        accuracy.main(["--sweep-only", "--lr", "1e-3"])
+
+
 def test_rows_keep_the_methods_order_and_the_table_shows_the_sweep(accuracy: Any, offline: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(BEST, "lora", 1e-3)
