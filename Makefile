@@ -43,7 +43,7 @@ test-slow: assets
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples docs/probes
 
 bench-init: assets
 	$(BIN)/python benchmarks/init_cost.py
