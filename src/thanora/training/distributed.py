@@ -46,24 +46,12 @@ def check_sharding(distributed_type: DistributedType | str) -> None:
     unwrapped model after the forward pass, and export reads whole parameters: under FSDP / ZeRO-3 each of these would
     see stale tensors or shards and save or penalise the wrong values without an error. accelerate switches FSDP on
     only for accelerator devices (on CPU ``ACCELERATE_USE_FSDP`` leaves the run ``MULTI_CPU``). torch's own FSDP2
-    (``fully_shard``) does run on CPU with gloo, so two designs were measured there (two processes, a tiny Llama with
-    PEFT LoRA, each decoder layer and the root sharded):
-
-    - sharding everything: each point above needs its own sharded form: SPR from DTensor shards (``full_tensor()``
-      sums its backward over processes, so a penalty every process computes whole would count once per process;
-      computed in each layer's forward, where FSDP2 has gathered the parameters, its backward may run after the
-      gathered storage is freed), checkpoints and export through ``torch.distributed.checkpoint``'s full state
-      dicts, clipping over DTensor gradients;
-    - sharding only the frozen base (the adapters in ``fully_shard``'s ``ignored_params``: whole, so SPR, clipping
-      and checkpoints work unchanged, gradients averaged by hand): it trains, but the trained model is no ordinary
-      model again: after ``unshard()`` its ``state_dict()`` still holds DTensors and PEFT's merge fails on them, and
-      FSDP2 has no public way to undo ``fully_shard``, so evaluation, merge and saving would each need a sharded
-      form (``docs/probes/fsdp2_frozen_base.py``).
-
-    And the gain is small: the base is frozen, so sharding saves only its bytes per device during training, while
-    calibration, evaluation and merge need it whole on one device anyway (docs/DESIGN.md, the bullet on sharded
-    training). The adapters of the models this tool targets are small and a 7B base in bf16 fits one GPU, so DDP
-    (the default of ``accelerate launch``) is the multi-GPU / multi-node mode.
+    (``fully_shard``) does run on CPU with gloo; the two designs measured there (sharding everything: SPR, checkpoints,
+    export and clipping would each need a DTensor form; sharding only the frozen base with the adapters in
+    ``ignored_params``: it trains, but leaves a model whose ``state_dict()`` holds DTensors and that PEFT cannot merge)
+    and why the gain is small (a frozen base: calibration, evaluation and merge need it whole on one device anyway)
+    are in docs/DESIGN.md, the bullet on sharded training, and ``docs/probes/fsdp2_frozen_base.py``. A 7B base in
+    bf16 fits one GPU, so DDP (the default of ``accelerate launch``) is the multi-GPU / multi-node mode.
 
     Raises:
         ValueError: a sharded distributed type (the message says what to use instead).
