@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.effects:
             for label, measured in run_effects(folders[-1], rows_of, seed == args.seeds[0]).items():
                 effects.setdefault(label, []).append(measured)
-        overlaps[seed] = run_records.recorded(folders[-1], "overlap", lambda folder=folders[-1]: {
+        overlaps[seed] = (run_records.recorded(folders[-1], "overlap", lambda folder=folders[-1]: {
             label: block_overlap_of(folder / label) for label in labels})
+            if "overlap" in run_records.load(folders[-1]) or on_disk(folders[-1]) else {})
         print(f"seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
     # 3. aggregate, rows in the methods' order
@@ -419,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measured = [o for o in (overlaps[seed].get(label) for seed in args.seeds) if o]
         if measured:
             row["overlap"] = {k: statistics.mean(o[k] for o in measured) for k in measured[0]}
+            row["overlap_seeds"] = len(measured)
         rows[label] = row
     result = {
         "benchmark": "accuracy",
@@ -447,10 +449,20 @@ def run_effects(folder: Path, rows_of: dict[str, list[str]], ablate: bool, unsee
     key = "effects" if unseen else "kl"
     have = run_records.load(folder).get(key, {})
     missing = {row: labels for row, labels in rows_of.items() if row not in have}
+    if missing and not on_disk(folder):
+        print(f"{folder.name}: {key} of {', '.join(missing)} never recorded and the run's adapters are gone (its "
+              "folder was deleted); those rows average over the other runs", flush=True)
+        return have
     if missing:
         have = run_records.update(folder, **{key: have | effects_of_run(folder, missing, ablate, run_records.table_dir(
             folder.parent), unseen=unseen)})[key]
     return {row: have[row] for row in rows_of}
+
+
+def on_disk(folder: Path) -> bool:
+    """Whether run folder ``folder`` still holds its finished run (adapters included), not only its record."""
+    path = folder / "run.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
 
 
 def effects_sizes() -> dict[str, int]:
@@ -611,8 +623,9 @@ def overlap_table(result: dict[str, Any]) -> list[str]:
     rows = {label: row["overlap"] for label, row in result["rows"].items() if "overlap" in row}
     if not rows:
         return []
+    seeds = max(row.get("overlap_seeds", 1) for row in result["rows"].values() if "overlap" in row)
     lines = ["", "Task-block overlap, mean over modules and task pairs (mean squared cosine of the principal angles "
-             "between two tasks' blocks, B and A averaged; 0 = orthogonal), mean over seeds:", "",
+             f"between two tasks' blocks, B and A averaged; 0 = orthogonal), mean over {seeds} seed(s):", "",
              "| method | at init | after training |", "|---|---|---|"]
     for label, overlap in rows.items():
         before = f"{overlap['before']:.4f}" if "before" in overlap else "–"
@@ -640,7 +653,9 @@ def effects_table(result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     sizes = result.get("effects_sizes") or {}
-    lines = ["", f"Off the tasks (mean over seeds): KL(base ‖ tuned) per token of held-out plain text "
+    seeds = max(len(effects["kl_base_tuned"]["values"]) for effects in rows.values())
+    lines = ["", f"Off the tasks (mean over {seeds} seed(s) whose adapters were measured): KL(base ‖ tuned) per token "
+             "of held-out plain text "
              f"({sizes.get('plain_texts', '?')} SciQ support paragraphs), mean |Δ log-prob| per token and vocabulary "
              f"entry, and HellaSwag accuracy ({sizes.get('unseen_questions', '?')} questions, no method trains on it):",
              "",

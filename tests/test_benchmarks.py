@@ -263,12 +263,38 @@ def test_effects_are_recorded_per_row_and_only_missing_rows_are_measured(accurac
 
     monkeypatch.setitem(sys.modules, "model_effects", types.SimpleNamespace(effects_of_run=effects_of_run))
     folder = tmp_path / "runs" / "table" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
     assert accuracy.run_effects(folder, {"lora": ["lora"]}, False) == {"lora": {"kl_base_tuned": 4.0}}
     both = accuracy.run_effects(folder, {"lora": ["lora"], "thanora": ["thanora"]}, False)
     assert both == {"lora": {"kl_base_tuned": 4.0}, "thanora": {"kl_base_tuned": 7.0}}
     assert asked == [["lora"], ["thanora"]]
     assert accuracy.run_effects(folder, {"lora": ["lora"]}, False, unseen=False) == {"lora": {"kl_base_tuned": 4.0}}
     assert asked[-1] == ["lora"]  # the KL-only measurement of the sweep is its own record
+
+
+def test_effects_of_a_run_whose_folder_is_gone_keep_what_was_recorded(accuracy: Any, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A run served from its record on a fresh checkout has no adapters to measure: its rows not yet measured are
+    left out (said once), never measured on a missing folder nor recorded as empty."""
+    import types
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+
+    def effects_of_run(*_: Any, **__: Any) -> dict[str, Any]:
+        raise AssertionError("measured without adapters")
+
+    monkeypatch.setitem(sys.modules, "model_effects", types.SimpleNamespace(effects_of_run=effects_of_run))
+    folder = tmp_path / "runs" / "table" / "seed1"
+    accuracy.run_records.update(folder, effects={"lora": {"kl_base_tuned": 4.0}})
+    assert accuracy.run_effects(folder, {"lora": ["lora"], "thanora": ["thanora"]}, False) == {
+        "lora": {"kl_base_tuned": 4.0}}
+    assert "thanora never recorded" in capsys.readouterr().out
+    assert accuracy.run_records.load(folder)["effects"] == {"lora": {"kl_base_tuned": 4.0}}
+    summary = accuracy.summarize_effects([{"kl_base_tuned": 4.0, "mean_abs_dlogit": 1.0, "unseen_score": 0.3}])
+    lines = accuracy.effects_table({"rows": {"lora": {"effects": summary}}})
+    assert "mean over 1 seed(s)" in lines[1]
 
 
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:
