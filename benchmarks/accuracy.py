@@ -46,6 +46,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -208,31 +209,52 @@ def with_rates(entries: list[dict[str, Any]], chosen: dict[str, float]) -> list[
     return out
 
 
-def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """``thanora run`` on ``config`` into ``out``; a folder that already holds the methods is read, not re-run, and
-    an interrupted run (or one that lacks some of the methods) is resumed: the benchmark can be re-entered."""
+def run(config: dict[str, Any], out: Path, landed: Callable[[set[str]], None] | None = None) -> dict[str, Any]:
+    """``thanora run`` on ``config`` into ``out``, one method at a time, each recorded as it lands (`run_records`):
+    a run served whole from its record or its folder is not re-run, an interrupted one is resumed, and on a fresh
+    checkout (the folder gone) only the methods its record lacks are trained. ``landed(labels)`` is called after each
+    method with the labels whose adapters are now in ``out`` (what can still be measured on them).
+
+    Training the missing methods of a run on their own gives what the whole run would have: every method starts from
+    a fresh base model with its own calibration, sampler and seed (`thanora.experiment.pipeline.run_method`)."""
     from thanora.experiment.config import config_from_dict
     from thanora.experiment.pipeline import run as run_pipeline
 
-    labels = [m.get("label", m["name"]) for m in config["methods"]]
+    def label(entry: dict[str, Any]) -> str:
+        return entry.get("label", entry["name"])
+
+    base = config["output"]["evaluate_base"]
     record = run_records.load(out)
-    if record.get("config") == config and all(label in record["metrics"] for label in labels):
-        return record["metrics"]  # committed: the run folder may be long gone
-    if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
-        metrics = json.loads((out / "metrics.json").read_text())
-        if all(label in metrics for label in labels):
-            return recorded_run(out, config, metrics)
-        # else: a finished run asked for more methods; resuming trains only the missing ones
-    resume = (out / "run.json").is_file()
-    metrics = run_pipeline(config_from_dict(config), out, overwrite=not resume and out.exists(), resume=resume,
-                           progress=False)
-    return recorded_run(out, config, metrics)
+    if record.get("config") != config:
+        record = {}  # another config under the same name: trained again
+    earlier = record.get("metrics", {})
+    if all(label(m) in earlier for m in config["methods"]) and ("base" in earlier or not base):
+        return earlier  # committed: the run folder may be long gone
+    saved = _saved_labels(out)
+    todo = [m for m in config["methods"] if label(m) not in earlier or label(m) in saved]
+    held, fresh = [m for m in todo if label(m) in saved], [m for m in todo if label(m) not in saved]
+    output = config["output"] | {"evaluate_base": base and ("base" not in earlier or bool(saved))}
+    for k in range(0 if held else 1, len(fresh) + 1):  # the methods the folder holds first (completes a stopped one)
+        part = config | {"methods": held + fresh[:k], "output": output}
+        resume = (out / "run.json").is_file()
+        metrics = run_pipeline(config_from_dict(part), out, overwrite=not resume and out.exists(), resume=resume,
+                               progress=False)
+        timings = json.loads((out / "run.json").read_text())["timings_s"]
+        earlier = run_records.update(out, config=config, metrics=earlier | metrics,
+                                     timings_s=record.get("timings_s", {}) | timings)["metrics"]
+        if landed is not None:
+            landed(set(metrics))
+    return earlier
 
 
-def recorded_run(out: Path, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Record a finished run's config, metrics and stage timings (`run_records`: what survives ``runs/``)."""
-    timings = json.loads((out / "run.json").read_text())["timings_s"]
-    return run_records.update(out, config=config, metrics=metrics, timings_s=timings)["metrics"]
+def _saved_labels(out: Path) -> set[str]:
+    """The method labels of the run folder ``out``'s saved config (empty where it holds no run)."""
+    if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
+        return set()
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    return {str(m.get("label") or m.get("name")) for m in saved.get("methods") or [] if isinstance(m, dict)}
 
 
 class LrChoice(NamedTuple):
@@ -349,12 +371,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.extend + 1):
             for lr, group in sorted(todo.items()):
                 folders.append(root / f"sweep_lr{lr:g}")
+                group_rows = {e.get("label", e["name"]): rows_of[e.get("label", e["name"])] for e in group}
+                # with --effects, how far each rate moves the model: KL to the base only (the cheap part)
+                kind = "kl" if args.effects else None
                 metrics = run(run_config(dev_tasks, group, lr, 0, scale, args.mixture, args.device, False),
-                              folders[-1])
-                moved = {}
-                if args.effects:  # how far each rate moves the model: KL to the base only (the cheap part)
-                    moved = run_effects(folders[-1], {e.get("label", e["name"]): rows_of[e.get("label", e["name"])]
-                                                      for e in group}, False, unseen=False)
+                              folders[-1], measure_landed(folders[-1], group_rows, kind, False, False))
+                moved = run_effects(folders[-1], group_rows, False, unseen=False) if args.effects else {}
                 for entry in group:
                     label = entry.get("label", entry["name"])
                     dev.setdefault(label, {})[lr] = row_metrics(metrics, rows_of[label])
@@ -389,16 +411,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         folders.append(root / f"seed{seed}")
         metrics = run(run_config(eval_tasks, with_rates(entries, chosen), lrs[0], seed, scale, args.mixture,
-                                 args.device, base is None), folders[-1])
+                                 args.device, base is None), folders[-1],
+                      measure_landed(folders[-1], rows_of, "effects" if args.effects else None,
+                                     seed == args.seeds[0], True))
         base = base or metrics.get("base")
         for label in labels:
             finals.setdefault(label, []).append(row_metrics(metrics, rows_of[label]))
         if args.effects:
             for label, measured in run_effects(folders[-1], rows_of, seed == args.seeds[0]).items():
                 effects.setdefault(label, []).append(measured)
-        overlaps[seed] = (run_records.recorded(folders[-1], "overlap", lambda folder=folders[-1]: {
-            label: block_overlap_of(folder / label) for label in labels})
-            if "overlap" in run_records.load(folders[-1]) or on_disk(folders[-1]) else {})
+        overlaps[seed] = run_records.load(folders[-1]).get("overlap", {})
         print(f"seed {seed} done ({(time.time() - started) / 60:.1f} min)", flush=True)
 
     # 3. aggregate, rows in the methods' order
@@ -441,28 +463,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def run_effects(folder: Path, rows_of: dict[str, list[str]], ablate: bool, unseen: bool = True) -> dict[str, Any]:
+def run_effects(folder: Path, rows_of: dict[str, list[str]], ablate: bool, unseen: bool = True,
+                quiet: bool = False) -> dict[str, Any]:
     """`model_effects.effects_of_run` of the rows ``rows_of`` of a run, recorded per row in the run's record (the
-    adapters they are measured on go with the run folder): only rows not yet recorded are measured."""
+    adapters they are measured on go with the run folder): only rows not yet recorded are measured, and only where
+    their adapters are in the folder (a row trained in an earlier checkout and never measured is left out, said
+    unless ``quiet``)."""
     from model_effects import effects_of_run
 
     key = "effects" if unseen else "kl"
     have = run_records.load(folder).get(key, {})
     missing = {row: labels for row, labels in rows_of.items() if row not in have}
-    if missing and not on_disk(folder):
-        print(f"{folder.name}: {key} of {', '.join(missing)} never recorded and the run's adapters are gone (its "
-              "folder was deleted); those rows average over the other runs", flush=True)
-        return have
+    saved = _saved_labels(folder)
+    gone = [row for row, labels in missing.items()
+            if not all(label in saved and (folder / label / "adapter").is_dir() for label in labels)]
+    if gone and not quiet:
+        print(f"{folder.name}: {key} of {', '.join(gone)} never recorded and their adapters are gone (trained in an "
+              "earlier checkout); those rows average over the other runs", flush=True)
+    missing = {row: labels for row, labels in missing.items() if row not in gone}
     if missing:
         have = run_records.update(folder, **{key: have | effects_of_run(folder, missing, ablate, run_records.table_dir(
             folder.parent), unseen=unseen)})[key]
-    return {row: have[row] for row in rows_of}
+    return {row: have[row] for row in rows_of if row in have}
 
 
-def on_disk(folder: Path) -> bool:
-    """Whether run folder ``folder`` still holds its finished run (adapters included), not only its record."""
-    path = folder / "run.json"
-    return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+def measure_landed(folder: Path, rows_of: dict[str, list[str]], kind: str | None, ablate: bool, overlap: bool
+                   ) -> Callable[[set[str]], None]:
+    """What `run` calls as each method lands: the measurements on the adapters of every row whose runs are all in
+    ``folder`` now, recorded at once (they are lost with the folder): `run_effects` of ``kind`` ("kl", "effects" or
+    None) and, with ``overlap``, the task-block overlap."""
+
+    def landed(on_disk: set[str]) -> None:
+        rows = {row: labels for row, labels in rows_of.items() if set(labels) <= on_disk}
+        if kind:
+            run_effects(folder, rows, ablate, unseen=kind == "effects", quiet=True)
+        if overlap:
+            have = run_records.load(folder).get("overlap", {})
+            if any(row not in have for row in rows):
+                run_records.update(folder, overlap=have | {row: block_overlap_of(folder / row)
+                                                           for row in rows if row not in have})
+
+    return landed
 
 
 def effects_sizes() -> dict[str, int]:

@@ -11,7 +11,6 @@ One record per run folder, updated field by field (atomically, `thanora.artifact
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +46,3 @@ def update(folder: Path, **fields: Any) -> dict[str, Any]:
     write_json(path, record)
     return record
 
-
-def recorded(folder: Path, key: str, compute: Callable[[], Any]) -> Any:
-    """``record[key]`` of ``folder`` where it was recorded, else ``compute()`` recorded there (measurements made on a
-    run's adapters, which are gone once the run folder is)."""
-    record = load(folder)
-    if key not in record:
-        record = update(folder, **{key: compute()})
-    return record[key]

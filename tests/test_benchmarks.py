@@ -74,7 +74,7 @@ TASKS = ("csqa", "obqa")
 BEST = {"lora": 3e-4, "dora": 1e-3}
 
 
-def fake_run(config: dict[str, Any], out: Path) -> dict[str, Any]:
+def fake_run(config: dict[str, Any], out: Path, landed: Any = None) -> dict[str, Any]:
     seed = config["seed"]
     n = config["tasks"][0]["n_eval"]
     metrics: dict[str, Any] = {}
@@ -263,14 +263,101 @@ def test_effects_are_recorded_per_row_and_only_missing_rows_are_measured(accurac
 
     monkeypatch.setitem(sys.modules, "model_effects", types.SimpleNamespace(effects_of_run=effects_of_run))
     folder = tmp_path / "runs" / "table" / "seed0"
-    folder.mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
+    on_disk(folder, ["lora", "thanora"])
     assert accuracy.run_effects(folder, {"lora": ["lora"]}, False) == {"lora": {"kl_base_tuned": 4.0}}
     both = accuracy.run_effects(folder, {"lora": ["lora"], "thanora": ["thanora"]}, False)
     assert both == {"lora": {"kl_base_tuned": 4.0}, "thanora": {"kl_base_tuned": 7.0}}
     assert asked == [["lora"], ["thanora"]]
     assert accuracy.run_effects(folder, {"lora": ["lora"]}, False, unseen=False) == {"lora": {"kl_base_tuned": 4.0}}
     assert asked[-1] == ["lora"]  # the KL-only measurement of the sweep is its own record
+
+
+def on_disk(folder: Path, labels: list[str]) -> None:
+    """A finished run folder holding the adapters of ``labels``."""
+    import yaml
+
+    for label in labels:
+        (folder / label / "adapter").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"methods": [{"name": label} for label in labels]}))
+
+
+class FakePipeline:
+    """`thanora.experiment.pipeline.run` as far as `accuracy.run` sees it: a folder's config, metrics and run.json;
+    a resume trains only the methods without results; training ``stop_at`` ends the session (SystemExit)."""
+
+    def __init__(self, stop_at: str | None = None) -> None:
+        self.trained: list[str] = []
+        self.stop_at = stop_at
+
+    def __call__(self, cfg: Any, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict[str, Any]:
+        assert resume or overwrite or not out.exists()
+        metrics = json.loads((out / "metrics.json").read_text()) if resume else {}
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        (out / "run.json").write_text(json.dumps({"status": "running", "timings_s": {}}))
+        for spec in cfg.methods:
+            if spec.label in metrics:
+                continue
+            if spec.label == self.stop_at:
+                raise SystemExit("the session ended")
+            self.trained.append(spec.label)
+            (out / spec.label / "adapter").mkdir(parents=True)
+            metrics[spec.label] = {"average": 0.5}
+            (out / "metrics.json").write_text(json.dumps(metrics))
+        (out / "run.json").write_text(json.dumps({"status": "complete", "timings_s": {"lora": 60.0}}))
+        return metrics
+
+
+def test_a_run_stopped_between_methods_keeps_the_finished_ones_across_checkouts(accuracy: Any, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each method is recorded as it lands: a session that ends mid-run loses at most the method in training, and
+    on a fresh checkout only the methods not recorded are trained; ``landed`` sees each one's adapters."""
+    import shutil
+
+    import thanora.experiment.pipeline as pipeline
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    scale = dict(accuracy.SCALES["tiny"])
+    tasks = accuracy.task_configs(2, scale, dev=True)
+    entries = accuracy.method_entries(16)[:3]
+    labels = [e.get("label", e["name"]) for e in entries]
+    config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", False)
+    folder = tmp_path / "runs" / "table" / "seed0"
+    fake = FakePipeline(stop_at=labels[2])
+    monkeypatch.setattr(pipeline, "run", fake)
+    with pytest.raises(SystemExit):
+        accuracy.run(config, folder)
+    assert fake.trained == labels[:2]
+    assert set(accuracy.run_records.load(folder)["metrics"]) == set(labels[:2])
+    shutil.rmtree(tmp_path / "runs")  # a fresh checkout: the adapters of the first two are gone
+    fake = FakePipeline()
+    monkeypatch.setattr(pipeline, "run", fake)
+    seen: list[set[str]] = []
+    assert set(accuracy.run(config, folder, seen.append)) == set(labels)
+    assert fake.trained == labels[2:] and seen == [{labels[2]}]
+    assert accuracy.run(config, folder) == accuracy.run_records.load(folder)["metrics"]  # served whole
+    assert fake.trained == labels[2:]
+
+
+def test_a_stopped_run_whose_folder_is_kept_is_resumed_not_restarted(accuracy: Any, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import thanora.experiment.pipeline as pipeline
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    scale = dict(accuracy.SCALES["tiny"])
+    entries = accuracy.method_entries(16)[:3]
+    labels = [e.get("label", e["name"]) for e in entries]
+    config = accuracy.run_config(accuracy.task_configs(2, scale, dev=True), entries, 1e-4, 0, scale, 2, "cpu", True)
+    folder = tmp_path / "runs" / "table" / "seed0"
+    monkeypatch.setattr(pipeline, "run", FakePipeline(stop_at=labels[1]))
+    with pytest.raises(SystemExit):
+        accuracy.run(config, folder)
+    fake = FakePipeline()
+    monkeypatch.setattr(pipeline, "run", fake)
+    seen: list[set[str]] = []
+    assert set(accuracy.run(config, folder, seen.append)) == set(labels)
+    assert fake.trained == labels[1:] and seen == [set(labels[:2]), set(labels)]
 
 
 def test_effects_of_a_run_whose_folder_is_gone_keep_what_was_recorded(accuracy: Any, tmp_path: Path,

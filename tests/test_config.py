@@ -107,6 +107,17 @@ def test_a_method_entry_sets_its_own_training_settings_and_tasks() -> None:
     assert again.methods[1].tasks == ("a",)
 
 
+def test_a_run_wide_setting_every_method_overrides_is_said_to_have_no_effect() -> None:
+    from thanora.experiment.no_effect import ineffective_settings
+
+    own = [{"name": "lora", "rank": 8, "train": {"lr": 3e-3}}, {"name": "thanora", "rank": 8, "train": {"lr": 1e-4}}]
+    notes = ineffective_settings(config_from_dict({**BASE, "methods": own}))
+    assert notes == ["train.lr=0.0001 has no effect: every method sets its own train.lr"]
+    assert ineffective_settings(config_from_dict({**BASE, "methods": own, "train": {"epochs": 1}})) == []  # default
+    one = [own[0], {"name": "thanora", "rank": 8}]  # thanora trains at the run's rate: it has an effect
+    assert ineffective_settings(config_from_dict({**BASE, "methods": one})) == []
+
+
 @pytest.mark.parametrize(("entry", "message"), [
     ({"name": "lora", "train": {"batch_size": 4}}, r"methods\[lora\]\.train: \['batch_size'\] cannot be set per"),
     ({"name": "lora", "train": {"lr": "fast"}}, r"methods\[lora\]\.train\.lr: expected a number"),

@@ -38,6 +38,10 @@ def ineffective_settings(cfg: RunConfig) -> list[str]:
     if cfg.output.merged and not cfg.output.adapter:
         notes.append("output.adapter=false: the adapter is still written, because output.merged builds the merged "
                      "model from it")
+    for key in sorted(set.intersection(*(set(spec.train) for spec in cfg.methods)) if cfg.methods else ()):
+        if getattr(cfg.train, key) != getattr(defaults_train, key):
+            notes.append(f"train.{key}={getattr(cfg.train, key)} has no effect: every method sets its own "
+                         f"train.{key}")
     for spec in cfg.methods:
         method = get_method(spec.name)
         if method.check_tasks is not None:
