@@ -124,7 +124,7 @@ def param_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     for entry in entries:
         settings = {k: v for k, v in entry.items() if k not in ("name", "label")}
         method = get_method(entry["name"])
-        out[entry.get("label", entry["name"])] = method.param_count(model, method.config_cls(**settings))
+        out[label_of(entry)] = method.param_count(model, method.config_cls(**settings))
     return out
 
 
@@ -204,7 +204,7 @@ def with_rates(entries: list[dict[str, Any]], chosen: dict[str, float]) -> list[
     """Each entry with its chosen rate as its own ``train.lr`` (single-task entries by their row's label)."""
     out = []
     for entry in entries:
-        label = entry.get("label", entry["name"])
+        label = label_of(entry)
         out.append({**entry, "train": {**entry.get("train", {}), "lr": chosen[label]}})
     return out
 
@@ -220,23 +220,21 @@ def run(config: dict[str, Any], out: Path, landed: Callable[[set[str]], None] | 
     from thanora.experiment.config import config_from_dict
     from thanora.experiment.pipeline import run as run_pipeline
 
-    def label(entry: dict[str, Any]) -> str:
-        return entry.get("label", entry["name"])
-
     base = config["output"]["evaluate_base"]
     record = run_records.load(out)
-    if record.get("config") != config:
-        record = {}  # another config under the same name: trained again
+    changed = record.get("config") not in (None, config)
+    if changed:  # keep what the new config still computes the same way, in the record; the folder is stale
+        record = run_records.write(out, still_valid(record, config))
     earlier = record.get("metrics", {})
-    if all(label(m) in earlier for m in config["methods"]) and ("base" in earlier or not base):
+    if all(label_of(m) in earlier for m in config["methods"]) and ("base" in earlier or not base):
         return earlier  # committed: the run folder may be long gone
-    saved = _saved_labels(out)
-    todo = [m for m in config["methods"] if label(m) not in earlier or label(m) in saved]
-    held, fresh = [m for m in todo if label(m) in saved], [m for m in todo if label(m) not in saved]
+    saved = set() if changed else _saved_labels(out)
+    todo = [m for m in config["methods"] if label_of(m) not in earlier or label_of(m) in saved]
+    held, fresh = [m for m in todo if label_of(m) in saved], [m for m in todo if label_of(m) not in saved]
     output = config["output"] | {"evaluate_base": base and ("base" not in earlier or bool(saved))}
     for k in range(0 if held else 1, len(fresh) + 1):  # the methods the folder holds first (completes a stopped one)
         part = config | {"methods": held + fresh[:k], "output": output}
-        resume = (out / "run.json").is_file()
+        resume = (out / "run.json").is_file() and not (changed and k == 1)
         metrics = run_pipeline(config_from_dict(part), out, overwrite=not resume and out.exists(), resume=resume,
                                progress=False)
         timings = json.loads((out / "run.json").read_text())["timings_s"]
@@ -245,6 +243,36 @@ def run(config: dict[str, Any], out: Path, landed: Callable[[set[str]], None] | 
         if landed is not None:
             landed(set(metrics))
     return earlier
+
+
+def label_of(entry: dict[str, Any]) -> str:
+    """The label of a method entry of a run config (its name unless it has one)."""
+    return entry.get("label", entry["name"])
+
+
+def row_of(run_label: str) -> str:
+    """The table row a run's method label belongs to (``lora_single_<task>`` -> ``lora_single``, see
+    `expand_single`)."""
+    return SINGLE if run_label.startswith(f"{SINGLE}_") else run_label
+
+
+def still_valid(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``record`` reduced to what ``config`` computes the same way, with ``config`` as its config: nothing where a
+    run-wide setting differs; where only some method entries differ, everything but those methods' metrics, timings
+    and measurements (each method trains on its own, see `run`)."""
+    old = record["config"]
+    if {k: v for k, v in old.items() if k != "methods"} != {k: v for k, v in config.items() if k != "methods"}:
+        return {"config": config}
+    kept = {label_of(m) for m in config["methods"] if m in old["methods"]}
+    gone = {row_of(label_of(m)) for m in old["methods"] + config["methods"] if label_of(m) not in kept}
+    out: dict[str, Any] = {"config": config,
+                           "metrics": {k: v for k, v in record.get("metrics", {}).items() if k in kept | {"base"}},
+                           "timings_s": {k: v for k, v in record.get("timings_s", {}).items()
+                                         if k not in {label_of(m) for m in old["methods"]} or k in kept}}
+    for key in ("effects", "kl", "overlap"):
+        if key in record:
+            out[key] = {row: v for row, v in record[key].items() if row not in gone}
+    return out
 
 
 def _saved_labels(out: Path) -> set[str]:
@@ -290,6 +318,12 @@ def run_seconds(folders: list[Path]) -> float:
         return run_records.load(folder).get("timings_s", {})
 
     return sum(sum(timings(folder).values()) for folder in folders)
+
+
+# Paired comparisons beyond "vs LoRA" that the paper argues (the reading needs their intervals): ThanoRA against
+# the single-task adapters it claims to surpass, SPR's ablation, and the options beyond the paper against it.
+PAIRS = (("thanora", SINGLE), ("hasi_only", SINGLE), ("thanora", "hasi_only"), ("thanora_spr_strong", "hasi_only"),
+         ("thanora", "corda"), ("thanora_balanced", "thanora"))
 
 
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
@@ -349,12 +383,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scale["min_steps"] = args.min_steps
     lrs = args.lrs or scale["lrs"]
     wanted = args.methods or scale.get("methods")
-    entries = [e for e in method_entries(scale["rank"]) if not wanted or e.get("label", e["name"]) in wanted]
+    entries = [e for e in method_entries(scale["rank"]) if not wanted or label_of(e) in wanted]
     root = RUNS / f"{args.mixture}task_{args.scale}_r{scale['rank']}_n{scale['n_train']}-{scale['n_eval']}"
     out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}{f'_lr{args.lr:g}' if args.lr else ''}"
     started = time.time()
     dev_tasks, eval_tasks = task_configs(args.mixture, scale, True), task_configs(args.mixture, scale, False)
-    rows_of = {e.get("label", e["name"]): [x.get("label", x["name"]) for x in expand_single([e], eval_tasks, None)]
+    rows_of = {label_of(e): [label_of(x) for x in expand_single([e], eval_tasks, None)]
                for e in entries}  # row -> the run labels it reads (lora_single -> one per task)
 
     # 1. learning rate per method: a sweep on the dev slice (one run per rate holding every method), or an earlier one
@@ -371,14 +405,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(args.extend + 1):
             for lr, group in sorted(todo.items()):
                 folders.append(root / f"sweep_lr{lr:g}")
-                group_rows = {e.get("label", e["name"]): rows_of[e.get("label", e["name"])] for e in group}
+                group_rows = {label_of(e): rows_of[label_of(e)] for e in group}
                 # with --effects, how far each rate moves the model: KL to the base only (the cheap part)
                 kind = "kl" if args.effects else None
                 metrics = run(run_config(dev_tasks, group, lr, 0, scale, args.mixture, args.device, False),
                               folders[-1], measure_landed(folders[-1], group_rows, kind, False, False))
                 moved = run_effects(folders[-1], group_rows, False, unseen=False) if args.effects else {}
                 for entry in group:
-                    label = entry.get("label", entry["name"])
+                    label = label_of(entry)
                     dev.setdefault(label, {})[lr] = row_metrics(metrics, rows_of[label])
                     if label in moved:
                         dev[label][lr]["kl_base_tuned"] = moved[label]["kl_base_tuned"]
@@ -437,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "values": values}
         if "lora" in per_question and label != "lora":
             row["vs_lora"] = bootstrap_diff(per_question[label], per_question["lora"])
+        row["vs"] = {b: bootstrap_diff(per_question[a], per_question[b])["average"]
+                     for a, b in PAIRS if a == label and b in per_question}
         if label in effects:
             row["effects"] = summarize_effects(effects[label])
         measured = [o for o in (overlaps[seed].get(label) for seed in args.seeds) if o]
@@ -526,17 +562,18 @@ def row_metrics(metrics: dict[str, Any], run_labels: list[str]) -> dict[str, Any
 
 def edge_extensions(sweep: dict[str, dict[float, float]], entries: list[dict[str, Any]]
                     ) -> dict[float, list[dict[str, Any]]]:
-    """``{rate: entries}`` still to sweep: for every method whose best rate is the lowest or highest it has tried,
-    the next rate of `RATE_LADDER` beyond it (none where the ladder ends)."""
+    """``{rate: entries}`` still to sweep: for every method whose best score is reached at the lowest or highest rate
+    it has tried (alone or tied with an inner rate: the optimum may lie beyond), the next rate of `RATE_LADDER`
+    beyond that edge (none where the ladder ends)."""
     todo: dict[float, list[dict[str, Any]]] = {}
     for entry in entries:
-        scores = sweep[entry.get("label", entry["name"])]
-        tried = sorted(scores)
-        best = max(tried, key=scores.__getitem__)
-        step = -1 if best == tried[0] else 1 if best == tried[-1] else 0
+        scores = sweep[label_of(entry)]
+        tried, top = sorted(scores), max(scores.values())
+        step = -1 if scores[tried[0]] == top else 1 if scores[tried[-1]] == top else 0
         if not step:
             continue
-        position = min(range(len(RATE_LADDER)), key=lambda i: abs(np.log(RATE_LADDER[i] / best)))
+        edge = tried[0] if step < 0 else tried[-1]
+        position = min(range(len(RATE_LADDER)), key=lambda i: abs(np.log(RATE_LADDER[i] / edge)))
         if 0 <= position + step < len(RATE_LADDER) and RATE_LADDER[position + step] not in scores:
             todo.setdefault(RATE_LADDER[position + step], []).append(entry)
     return todo
@@ -641,6 +678,11 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 f"{100 * row['vs_lora'][t][0]:+.1f} [{100 * row['vs_lora'][t][1]:+.1f}, "
                 f"{100 * row['vs_lora'][t][2]:+.1f}]" for t in tasks) + " |")
+    pairs = [(label, other, diff) for label, row in result["rows"].items() for other, diff in row.get("vs", {}).items()]
+    if pairs:
+        lines += ["", "Other paired differences, average over the tasks [95 % CI] (points):", "",
+                  "| method | minus | Δ average |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] |" for a, b, d in pairs]
     return "\n".join(lines + effects_table(result) + overlap_table(result) + sweep_table(result)
                      + shared_rate_table(result)) + "\n"
 

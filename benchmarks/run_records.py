@@ -38,9 +38,13 @@ def load(folder: Path) -> dict[str, Any]:
 
 def update(folder: Path, **fields: Any) -> dict[str, Any]:
     """Set ``fields`` in the record of ``folder``; returns the whole record."""
+    return write(folder, load(folder) | fields)
+
+
+def write(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Replace the record of ``folder`` with ``record``; returns it."""
     from thanora.artifacts import write_json
 
-    record = load(folder) | fields
     path = record_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)

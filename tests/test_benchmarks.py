@@ -120,6 +120,18 @@ def test_sweep_picks_each_methods_rate_and_each_final_run_holds_every_method_at_
     assert "chosen on a held-out dev slice" in table and json.loads((offline / "table.json").read_text())
 
 
+def test_the_table_gives_the_mechanism_comparisons_with_their_intervals(accuracy: Any, offline: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BEST, "thanora", 1e-3)
+    monkeypatch.setitem(BEST, "hasi_only", 3e-4)
+    argv = ["--methods", "lora", "thanora", "hasi_only", "--lrs", "3e-4", "1e-3", "--n-eval", "20", "--extend", "0",
+            "--out", str(offline / "table")]
+    result = accuracy.main(argv)
+    assert result["rows"]["thanora"]["vs"] == {"hasi_only": pytest.approx([0.0, 0.0, 0.0])}  # same hits
+    assert result["rows"]["hasi_only"]["vs"] == {} and result["rows"]["lora"]["vs"] == {}
+    assert "| thanora | hasi_only | +0.0 [+0.0, +0.0] |" in (offline / "table.md").read_text()
+
+
 def test_sweep_only_stops_after_the_sweep_and_writes_its_own_table(accuracy: Any, offline: Path) -> None:
     argv = ["--methods", "lora", "dora", "--lrs", "3e-4", "1e-3", "--n-eval", "20", "--extend", "0", "--sweep-only",
             "--out", str(offline / "table")]
@@ -186,6 +198,17 @@ def test_a_best_rate_at_an_edge_of_the_grid_gets_the_next_rate_beyond_it(accurac
     shared = result["shared_rate"]  # every method at each shared rate it was swept at, Δ LoRA at that rate
     assert set(shared["dora"]) == {"0.0001", "0.0003", "0.001"} and "vs_lora" in shared["dora"]["0.0003"]
     assert "Every method at one shared rate" in (offline / "table.md").read_text()
+
+
+def test_a_best_score_tied_with_an_edge_of_the_grid_extends_it(accuracy: Any) -> None:
+    """Single-task LoRA tied at 3e-4 and 1e-3 on the 2-task small sweep: its optimum may lie above the grid."""
+    entry = {"name": "lora", "label": "lora_single"}
+    tied = {3e-5: 0.31, 1e-4: 0.305, 3e-4: 0.345, 1e-3: 0.345}
+    assert accuracy.edge_extensions({"lora_single": tied}, [entry]) == {3e-3: [entry]}
+    inside = tied | {1e-3: 0.34}
+    assert accuracy.edge_extensions({"lora_single": inside}, [entry]) == {}
+    low = {1e-4: 0.4, 3e-4: 0.4, 1e-3: 0.3}
+    assert accuracy.edge_extensions({"lora_single": low}, [entry]) == {3e-5: [entry]}
 
 
 def test_single_task_lora_is_one_adapter_per_task_with_its_share_of_the_steps(accuracy: Any) -> None:
@@ -291,7 +314,11 @@ class FakePipeline:
         self.stop_at = stop_at
 
     def __call__(self, cfg: Any, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict[str, Any]:
+        import shutil
+
         assert resume or overwrite or not out.exists()
+        if overwrite:
+            shutil.rmtree(out)
         metrics = json.loads((out / "metrics.json").read_text()) if resume else {}
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -338,6 +365,36 @@ def test_a_run_stopped_between_methods_keeps_the_finished_ones_across_checkouts(
     assert fake.trained == labels[2:] and seen == [{labels[2]}]
     assert accuracy.run(config, folder) == accuracy.run_records.load(folder)["metrics"]  # served whole
     assert fake.trained == labels[2:]
+
+
+def test_a_changed_method_entry_retrains_that_method_only_and_drops_its_measurements(
+        accuracy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid extension that changes one method's chosen rate re-trains that method in every final run, not the
+    others; its old metrics, timings and adapter measurements leave the record; a run-wide change re-trains all."""
+    import copy
+
+    import thanora.experiment.pipeline as pipeline
+
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    scale = dict(accuracy.SCALES["tiny"])
+    tasks = accuracy.task_configs(2, scale, dev=True)
+    entries = accuracy.method_entries(16)[:2]
+    labels = [accuracy.label_of(e) for e in entries]
+    config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", False)
+    folder = tmp_path / "runs" / "table" / "seed0"
+    monkeypatch.setattr(pipeline, "run", FakePipeline())
+    accuracy.run(config, folder)
+    accuracy.run_records.update(folder, effects={label: {"kl_base_tuned": 1.0} for label in labels})
+    new = copy.deepcopy(config)
+    new["methods"][1]["train"] = {"lr": 3e-3}
+    fake = FakePipeline()
+    monkeypatch.setattr(pipeline, "run", fake)
+    assert set(accuracy.run(new, folder)) == set(labels) and fake.trained == [labels[1]]  # the stale folder replaced
+    record = accuracy.run_records.load(folder)
+    assert record["config"] == new and set(record["effects"]) == {labels[0]}
+    other = copy.deepcopy(new) | {"seed": 1}
+    accuracy.run(other, folder)
+    assert fake.trained == [labels[1], *labels] and "effects" not in accuracy.run_records.load(folder)
 
 
 def test_a_stopped_run_whose_folder_is_kept_is_resumed_not_restarted(accuracy: Any, tmp_path: Path,
