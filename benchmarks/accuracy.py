@@ -309,13 +309,14 @@ def lrs_from(path: Path, labels: list[str]) -> LrChoice:
 
 
 def run_seconds(folders: list[Path]) -> float:
-    """Stage wall time summed over the table's runs (what it cost, even when re-rendered), from their records where
-    the run folder is gone."""
+    """Stage wall time summed over the table's runs (what it cost, even when re-rendered), from their records (every
+    method's, also those trained in a folder since replaced), else from the run folder."""
 
     def timings(folder: Path) -> dict[str, float]:
-        if (folder / "run.json").is_file():
-            return json.loads((folder / "run.json").read_text())["timings_s"]
-        return run_records.load(folder).get("timings_s", {})
+        recorded = run_records.load(folder).get("timings_s")
+        if recorded is not None or not (folder / "run.json").is_file():
+            return recorded or {}
+        return json.loads((folder / "run.json").read_text())["timings_s"]
 
     return sum(sum(timings(folder).values()) for folder in folders)
 
@@ -736,9 +737,10 @@ def effects_table(result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     sizes = result.get("effects_sizes") or {}
-    seeds = max(len(effects["kl_base_tuned"]["values"]) for effects in rows.values())
-    lines = ["", f"Off the tasks (mean over {seeds} seed(s) whose adapters were measured): KL(base ‖ tuned) per token "
-             "of held-out plain text "
+    counts = sorted({len(effects["kl_base_tuned"]["values"]) for effects in rows.values()})
+    seeds = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
+    lines = ["", f"Off the tasks (mean over the {seeds} seed(s) whose adapters were measured): KL(base ‖ tuned) "
+             "per token of held-out plain text "
              f"({sizes.get('plain_texts', '?')} SciQ support paragraphs), mean |Δ log-prob| per token and vocabulary "
              f"entry, and HellaSwag accuracy ({sizes.get('unseen_questions', '?')} questions, no method trains on it):",
              "",

@@ -438,7 +438,10 @@ def test_effects_of_a_run_whose_folder_is_gone_keep_what_was_recorded(accuracy: 
     assert accuracy.run_records.load(folder)["effects"] == {"lora": {"kl_base_tuned": 4.0}}
     summary = accuracy.summarize_effects([{"kl_base_tuned": 4.0, "mean_abs_dlogit": 1.0, "unseen_score": 0.3}])
     lines = accuracy.effects_table({"rows": {"lora": {"effects": summary}}})
-    assert "mean over 1 seed(s)" in lines[1]
+    assert "mean over the 1 seed(s)" in lines[1]
+    two = accuracy.summarize_effects([{"kl_base_tuned": 4.0, "mean_abs_dlogit": 1.0, "unseen_score": 0.3}] * 2)
+    lines = accuracy.effects_table({"rows": {"lora": {"effects": summary}, "thanora": {"effects": two}}})
+    assert "mean over the 1-2 seed(s)" in lines[1]
 
 
 def test_rate_options_exclude_each_other(accuracy: Any) -> None:
