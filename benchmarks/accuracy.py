@@ -219,6 +219,7 @@ def run(config: dict[str, Any], out: Path, landed: Callable[[set[str]], None] | 
     a fresh base model with its own calibration, sampler and seed (`thanora.experiment.pipeline.run_method`)."""
     from thanora.experiment.config import config_from_dict
     from thanora.experiment.pipeline import run as run_pipeline
+    from thanora.experiment.rundir import saved_methods
 
     base = config["output"]["evaluate_base"]
     record = run_records.load(out)
@@ -228,7 +229,7 @@ def run(config: dict[str, Any], out: Path, landed: Callable[[set[str]], None] | 
     earlier = record.get("metrics", {})
     if all(label_of(m) in earlier for m in config["methods"]) and ("base" in earlier or not base):
         return earlier  # committed: the run folder may be long gone
-    saved = set() if changed else _saved_labels(out)
+    saved = set() if changed else set(saved_methods(out))
     todo = [m for m in config["methods"] if label_of(m) not in earlier or label_of(m) in saved]
     held, fresh = [m for m in todo if label_of(m) in saved], [m for m in todo if label_of(m) not in saved]
     output = config["output"] | {"evaluate_base": base and ("base" not in earlier or bool(saved))}
@@ -264,25 +265,15 @@ def still_valid(record: dict[str, Any], config: dict[str, Any]) -> dict[str, Any
     if {k: v for k, v in old.items() if k != "methods"} != {k: v for k, v in config.items() if k != "methods"}:
         return {"config": config}
     kept = {label_of(m) for m in config["methods"] if m in old["methods"]}
-    gone = {row_of(label_of(m)) for m in old["methods"] + config["methods"] if label_of(m) not in kept}
+    dropped = {label_of(m) for m in old["methods"] + config["methods"]} - kept
+    gone = {row_of(label) for label in dropped}
     out: dict[str, Any] = {"config": config,
-                           "metrics": {k: v for k, v in record.get("metrics", {}).items() if k in kept | {"base"}},
-                           "timings_s": {k: v for k, v in record.get("timings_s", {}).items()
-                                         if k not in {label_of(m) for m in old["methods"]} or k in kept}}
+                           "metrics": {k: v for k, v in record.get("metrics", {}).items() if k not in dropped},
+                           "timings_s": {k: v for k, v in record.get("timings_s", {}).items() if k not in dropped}}
     for key in ("effects", "kl", "overlap"):
         if key in record:
             out[key] = {row: v for row, v in record[key].items() if row not in gone}
     return out
-
-
-def _saved_labels(out: Path) -> set[str]:
-    """The method labels of the run folder ``out``'s saved config (empty where it holds no run)."""
-    if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
-        return set()
-    import yaml
-
-    saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
-    return {str(m.get("label") or m.get("name")) for m in saved.get("methods") or [] if isinstance(m, dict)}
 
 
 class LrChoice(NamedTuple):
@@ -507,11 +498,12 @@ def run_effects(folder: Path, rows_of: dict[str, list[str]], ablate: bool, unsee
     their adapters are in the folder (a row trained in an earlier checkout and never measured is left out, said
     unless ``quiet``)."""
     from model_effects import effects_of_run
+    from thanora.experiment.rundir import saved_methods
 
     key = "effects" if unseen else "kl"
     have = run_records.load(folder).get(key, {})
     missing = {row: labels for row, labels in rows_of.items() if row not in have}
-    saved = _saved_labels(folder)
+    saved = set(saved_methods(folder))
     gone = [row for row, labels in missing.items()
             if not all(label in saved and (folder / label / "adapter").is_dir() for label in labels)]
     if gone and not quiet:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from thanora.experiment.rundir import RUN_FORMAT
 from thanora.methods.registry import get_method
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -62,7 +63,7 @@ def test_bootstrap_interval_holds_the_point_and_the_average_is_unweighted(accura
 @pytest.mark.parametrize("rank", [16, 32, 64, 128])
 def test_every_benchmark_entry_is_a_valid_method_setting(accuracy: Any, rank: int) -> None:
     entries = accuracy.method_entries(rank)
-    labels = [e.get("label", e["name"]) for e in entries]
+    labels = [accuracy.label_of(e) for e in entries]
     assert len(set(labels)) == len(labels) and labels[0] == "lora"
     for entry in entries:
         method = get_method(entry["name"])
@@ -301,7 +302,7 @@ def on_disk(folder: Path, labels: list[str]) -> None:
 
     for label in labels:
         (folder / label / "adapter").mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
+    (folder / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "status": "complete"}))
     (folder / "config.yaml").write_text(yaml.safe_dump({"methods": [{"name": label} for label in labels]}))
 
 
@@ -322,7 +323,7 @@ class FakePipeline:
         metrics = json.loads((out / "metrics.json").read_text()) if resume else {}
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
-        (out / "run.json").write_text(json.dumps({"status": "running", "timings_s": {}}))
+        (out / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "status": "running", "timings_s": {}}))
         for spec in cfg.methods:
             if spec.label in metrics:
                 continue
@@ -332,7 +333,8 @@ class FakePipeline:
             (out / spec.label / "adapter").mkdir(parents=True)
             metrics[spec.label] = {"average": 0.5}
             (out / "metrics.json").write_text(json.dumps(metrics))
-        (out / "run.json").write_text(json.dumps({"status": "complete", "timings_s": {"lora": 60.0}}))
+        (out / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "status": "complete",
+                                                  "timings_s": {"lora": 60.0}}))
         return metrics
 
 
@@ -348,7 +350,7 @@ def test_a_run_stopped_between_methods_keeps_the_finished_ones_across_checkouts(
     scale = dict(accuracy.SCALES["tiny"])
     tasks = accuracy.task_configs(2, scale, dev=True)
     entries = accuracy.method_entries(16)[:3]
-    labels = [e.get("label", e["name"]) for e in entries]
+    labels = [accuracy.label_of(e) for e in entries]
     config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", False)
     folder = tmp_path / "runs" / "table" / "seed0"
     fake = FakePipeline(stop_at=labels[2])
@@ -404,7 +406,7 @@ def test_a_stopped_run_whose_folder_is_kept_is_resumed_not_restarted(accuracy: A
     monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
     scale = dict(accuracy.SCALES["tiny"])
     entries = accuracy.method_entries(16)[:3]
-    labels = [e.get("label", e["name"]) for e in entries]
+    labels = [accuracy.label_of(e) for e in entries]
     config = accuracy.run_config(accuracy.task_configs(2, scale, dev=True), entries, 1e-4, 0, scale, 2, "cpu", True)
     folder = tmp_path / "runs" / "table" / "seed0"
     monkeypatch.setattr(pipeline, "run", FakePipeline(stop_at=labels[1]))

@@ -182,8 +182,13 @@ def clear(out: Path) -> list[str]:
 
 def added_methods(out: Path, cfg_dict: Mapping[str, Any]) -> list[str]:
     """The method labels of ``cfg_dict`` that the run in ``out`` does not hold yet (what a resume adds)."""
-    saved = set(_labels(_saved_config(out)))
+    saved = set(saved_methods(out))
     return [label for label in _labels(cfg_dict) if label not in saved]
+
+
+def saved_methods(out: Path) -> list[str]:
+    """The method labels of the run in ``out``, from its saved config (empty where ``out`` holds no run)."""
+    return _labels(_saved_config(out)) if is_run_dir(out) and (out / "config.yaml").is_file() else []
 
 
 def _labels(cfg: Mapping[str, Any]) -> list[str]:
