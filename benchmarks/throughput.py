@@ -7,16 +7,20 @@ tokens of the epoch / wall time of the epoch's training call) and optimiser step
 
 - ``hf``: `transformers.Trainer` with a PEFT LoRA, its defaults (random order, fused AdamW) and ``hf, grouped`` with
   ``train_sampling_strategy="group_by_length"`` (the anchor: what a plain PEFT script or LLaMA-Factory user gets);
+  ``hf, flattened``: the same Trainer with transformers' padding-free ``DataCollatorWithFlattening`` (each batch one
+  row of all its sequences, positions restarting, no KV cache: transformers' own packing);
 - ``thanora lora, before``: `thanora.training.train.train` as it was before the throughput work (the code at
   ``--baseline-ref``, extracted with ``git archive``; full logits, standard AdamW);
-- ``thanora lora`` and ``thanora lora, grouped`` (``data.group_by_length``), ``thanora thanora, grouped`` (HASI + SPR,
-  λ = 1e-4 with ``spr_normalization: init``), with this checkout's loop.
+- ``thanora lora, padded`` (``train.pack_sequences: false``: right-padded batches in mixture order), ``thanora lora``
+  (the default loop: packed batches, `thanora.training.packing`), ``thanora lora, grouped`` (``data.group_by_length``
+  as well), ``thanora thanora`` and ``thanora thanora, grouped`` (HASI + SPR, λ = 1e-4 with
+  ``spr_normalization: init``), with this checkout's loop.
 
 All LoRAs: dropout 0, alpha = rank; same learning rate 1e-4, linear schedule, no warm-up, clipping at 1. Each system
 runs
 in a fresh process (model and data loaded, two warm-up steps, then the timed epoch), ``--rounds`` times in a rotated
-order; every ratio is taken to HF Trainer's best (``hf, grouped``) within its round, and the table gives the median and
-range over rounds (the method of ``train_cost.py``).
+order; every ratio is taken to HF Trainer's best, the fastest of the ``hf`` systems within its round, and the table
+gives the median and range over rounds (the method of ``train_cost.py``).
 
 Scoring (``--parts eval``): questions/s of `thanora.evaluation.evaluate.evaluate` (batched, options packed) and of a
 plain
@@ -48,9 +52,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 REPO = HERE.parent
 BASELINE_REF = "0582bf9"  # the last commit before the throughput work (full logits, standard AdamW)
-SYSTEMS = ("hf", "hf, grouped", "thanora lora, before", "thanora lora", "thanora lora, grouped",
-           "thanora thanora, grouped")
-ANCHOR = "hf, grouped"
+SYSTEMS = ("hf", "hf, grouped", "hf, flattened", "thanora lora, before", "thanora lora, padded", "thanora lora",
+           "thanora lora, grouped", "thanora thanora", "thanora thanora, grouped")
+ANCHOR = "HF Trainer's best"  # per round: the fastest of the "hf" systems measured in that round
 N_TRAIN = {2: 96, 4: 48}  # training examples per task: 192 per epoch, 24 optimiser steps at batch 8
 LR = 1e-4
 
@@ -70,17 +74,19 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     tokens = sum(len(f["input_ids"]) for f in data.features)
     system = job["system"]
     if system.startswith("hf"):
-        seconds, steps = _hf_epoch(base, tokenizer, data.features, job["rank"], grouped=system.endswith("grouped"))
+        seconds, steps = _hf_epoch(base, tokenizer, data.features, job["rank"], system.partition(", ")[2])
     else:
         seconds, steps = _thanora_epoch(base, tokenizer, data, job["rank"], method=system.split()[1].rstrip(","),
-                                        grouped=system.endswith("grouped"))
+                                        grouped=system.endswith("grouped"), padded=system.endswith("padded"))
     return {**job, "seconds": seconds, "steps": steps, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "steps_per_s": steps / seconds}
 
 
-def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: int, grouped: bool) -> tuple[float, int]:
+def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: int, variant: str
+              ) -> tuple[float, int]:
+    """One timed epoch of HF Trainer + PEFT LoRA; ``variant``: "" (defaults), "grouped" or "flattened"."""
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
     from thanora.core.targets import find_targets
 
@@ -88,13 +94,17 @@ def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: i
                                             target_modules=list(find_targets(base))))
     rows = [{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if variant == "flattened":
+        rows = [{k: r[k] for k in ("input_ids", "labels")} for r in rows]
+        collator = DataCollatorWithFlattening()
+        base.config.use_cache = False  # transformers reads packed sequences from the position ids only without one
 
     def trainer(max_steps: int) -> Any:
         args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, learning_rate=LR,
                                  num_train_epochs=1, max_steps=max_steps, lr_scheduler_type="linear", warmup_steps=0,
                                  max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
                                  use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                                 train_sampling_strategy="group_by_length" if grouped else "random")
+                                 train_sampling_strategy="group_by_length" if variant == "grouped" else "random")
         return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
 
     trainer(2).train()  # warm-up
@@ -104,7 +114,8 @@ def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: i
     return time.perf_counter() - start, int(out.global_step)
 
 
-def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str, grouped: bool) -> tuple[float, int]:
+def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str, grouped: bool, padded: bool
+                   ) -> tuple[float, int]:
     import dataclasses
 
     from thanora.data import tasks as task_module
@@ -135,9 +146,11 @@ def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str,
     def factory(epoch: int) -> list[dict[str, Any]]:
         return [collate([features[i] for i in batch], tokenizer.pad_token_id) for batch in sampler.batches(epoch)]
 
+    loop = {"pack_sequences": False} if padded else {}  # "before" predates the option (and packing)
+
     def cfg(steps: int) -> TrainConfig:
         return TrainConfig(max_steps=steps, batch_size=8, grad_accum=1, lr=LR, schedule="linear", warmup_ratio=0.0,
-                           mixed_precision="no", log_every=10_000)
+                           mixed_precision="no", log_every=10_000, **loop)
 
     train(model, spec, config, factory, cfg(2), progress=False)  # warm-up
     steps = len(sampler)
@@ -183,7 +196,8 @@ def measure_training(args: argparse.Namespace) -> list[dict[str, Any]]:
                     runs[system].append(run)
                     print(f"{mixture}-task r{rank} round {k + 1}: {system}: {run['tokens_per_s']:.0f} tok/s, "
                           f"{run['steps_per_s']:.2f} steps/s", flush=True)
-            anchor = runs[ANCHOR] if ANCHOR in runs else runs[systems[0]]
+            anchor = [max((runs[s][k] for s in systems if s.startswith("hf")), key=lambda r: r["tokens_per_s"],
+                          default=runs[systems[0]][k]) for k in range(args.rounds)]
             for system in systems:
                 ratios = [r["tokens_per_s"] / a["tokens_per_s"] for r, a in zip(runs[system], anchor, strict=True)]
                 rows.append({"system": system, "mixture": mixture, "rank": rank,
@@ -257,8 +271,9 @@ def render(result: dict[str, Any]) -> str:
     if "training" in result:
         rounds = meta["args"]["rounds"]
         lines += ["", f"Training: one epoch of batch 8 (SmolLM2-135M, all linear layers, {rounds} interleaved rounds, "
-                  f"a fresh process each); ratio = tokens/s over `{ANCHOR}`'s in the same round, median (range).", "",
-                  "| mixture | rank | system | tokens/s | steps/s | × HF Trainer grouped |",
+                  f"a fresh process each); ratio = tokens/s over {ANCHOR} (the fastest `hf` system) in the same round, "
+                  "median (range).", "",
+                  "| mixture | rank | system | tokens/s | steps/s | × HF Trainer's best |",
                   "|---|---|---|---|---|---|"]
         for r in result["training"]:
             low, high = r["ratio_range"]

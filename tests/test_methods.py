@@ -26,7 +26,7 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert [f.name for f in dataclasses.fields(Method)] == [
         "name", "paper", "config_cls", "mergeable", "task_id_at_train", "task_id_at_test", "prepare", "regularizer",
         "export", "save", "load", "param_count", "describe", "finalize", "stratified_batches", "train_state",
-        "load_train_state", "check_tasks", "supports_gradient_checkpointing",
+        "load_train_state", "check_tasks", "supports_gradient_checkpointing", "packing_conflict",
     ]
     assert isinstance(method.paper, str) and "arXiv" in method.paper
     assert dataclasses.is_dataclass(method.config_cls)
@@ -40,6 +40,8 @@ def test_every_method_has_the_documented_fields(name: str) -> None:
     assert method.describe is None or callable(method.describe)
     assert (method.train_state is None) == (method.load_train_state is None)
     assert isinstance(method.supports_gradient_checkpointing, bool)
+    conflict = method.packing_conflict(method.config_cls()) if method.packing_conflict is not None else None
+    assert conflict is None or isinstance(conflict, str)
     with pytest.raises(dataclasses.FrozenInstanceError):
         method.name = "other"  # type: ignore[misc]
 

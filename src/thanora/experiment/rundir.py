@@ -41,7 +41,7 @@ RESERVED_LABELS = {"base": "the zero-shot base model's row in metrics.json", "av
 RESERVED_TASKS = {"average": "the unweighted mean column of metrics.json"}
 # Settings a resumed run may change: they do not change what the run computes.
 MAY_CHANGE = ("train.log_every", "train.eval_every", "train.save_every", "train.gradient_checkpointing",
-              "output.plots")
+              "train.labelled_logits_only", "train.pack_sequences", "output.plots")
 
 Action = Literal["fresh", "resume", "replace"]
 

@@ -85,6 +85,10 @@ class Method:
         supports_gradient_checkpointing: the training forward may be recomputed during backward
             (`thanora.training.train.TrainConfig.gradient_checkpointing`): no per-forward state that a replay would
             miss.
+        packing_conflict: ``settings -> reason or None``: why training batches must stay padded with these settings
+            although the method reads no task ids (its layers carry state along a row's positions, as mtLoRA's
+            ``sequence`` router does, which a packed row would carry from one sequence into the next;
+            `thanora.training.packing`); ``None`` = packing applies whenever the method reads no task ids.
     """
 
     name: str
@@ -106,6 +110,7 @@ class Method:
     load_train_state: Callable[[nn.Module, Mapping[str, Tensor]], None] | None = None
     check_tasks: Callable[[Any, Sequence[str]], list[str]] | None = None
     supports_gradient_checkpointing: bool = True
+    packing_conflict: Callable[[Any], str | None] | None = None
 
     def __post_init__(self) -> None:
         if (self.train_state is None) != (self.load_train_state is None):

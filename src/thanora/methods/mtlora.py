@@ -281,6 +281,14 @@ def load_mtlora(model: nn.Module, folder: Path) -> nn.Module:
     return load_native(model, folder, MTLORA)
 
 
+def mtlora_packing_conflict(settings: MtLoraSettings) -> str | None:
+    """Why mtLoRA's training batches stay padded: the ``sequence`` router's running mean over a row's positions would
+    run on from one packed sequence into the next (`Method.packing_conflict`)."""
+    if settings.router == "sequence" and settings.n_heads > 1:
+        return "mtLoRA's sequence router averages over a row's positions, which packing would mix across sequences"
+    return None
+
+
 MTLORA = Method(
     name="mtlora",
     paper="Scalable Multi-Task Low-Rank Model Adaptation (mtLoRA), ICLR 2026 (arXiv:2603.01526)",
@@ -296,4 +304,5 @@ MTLORA = Method(
     param_count=mtlora_param_count,
     train_state=mtlora_train_state,
     load_train_state=load_mtlora_train_state,
+    packing_conflict=mtlora_packing_conflict,
 )

@@ -34,7 +34,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FORMAT = "thanora-checkpoint/1"
 METHOD_STATE = "method_state.safetensors"
-RUN_ONLY = ("log_every", "eval_every", "save_every", "gradient_checkpointing")  # may change on resume (same math)
+RUN_ONLY = ("log_every", "eval_every", "save_every", "gradient_checkpointing", "labelled_logits_only",
+            "pack_sequences")  # may change on resume (same math)
 
 
 class CheckpointError(ValueError):

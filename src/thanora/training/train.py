@@ -41,6 +41,7 @@ from thanora.training.checkpoints import (
 )
 from thanora.training.distributed import check_accelerator, check_sharding, make_accelerator
 from thanora.training.loss import task_loss
+from thanora.training.packing import Packer, packing_conflict
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class TrainConfig:
         labelled_logits_only: apply the output head to the positions that predict a labelled token only
             (`thanora.training.loss.task_loss`): the same loss and gradients as the full logits to float rounding,
             for about a fifth less compute on SmolLM2; false = the model's own loss over every position.
+        pack_sequences: lay each right-padded text micro-batch out as a few rows of whole sequences with no padding
+            between them (`thanora.training.packing`): the same loss and gradients to float rounding (with dropout,
+            other draws of the same distribution), without the padding's compute. Batches it cannot lay out (images,
+            a method that reads task ids, a model whose attention crosses the packed sequences) stay padded, said
+            once.
     """
 
     epochs: int = 1
@@ -103,6 +109,7 @@ class TrainConfig:
     save_every: int = 0
     gradient_checkpointing: bool = False
     labelled_logits_only: bool = True
+    pack_sequences: bool = True
 
     def __post_init__(self) -> None:
         for name, least in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("seed", 0),
@@ -118,6 +125,7 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "bf16", "fp16", "auto"), "mixed_precision", "must be no|bf16|fp16|auto")
         _require(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing", "must be true or false")
         _require(isinstance(self.labelled_logits_only, bool), "labelled_logits_only", "must be true or false")
+        _require(isinstance(self.pack_sequences, bool), "pack_sequences", "must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -251,6 +259,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
     was_training = model.training
     wrapped.train()
     cleanup = ExitStack()
+    packer = Packer(cfg.pack_sequences, packing_conflict(method, method_cfg))
     try:
         if cfg.gradient_checkpointing:
             cleanup.enter_context(recomputed_activations(unwrapped))
@@ -266,6 +275,7 @@ def train(model: nn.Module, method: Method, method_cfg: Any, loader_factory: Loa
                     raise RuntimeError(f"epoch {epoch} ran out of batches at step {step}: fewer than len(loader)")
                 batch = send_to_device(batch, accelerator.device)
                 inputs = batch if method.task_id_at_train else {k: v for k, v in batch.items() if k != "task_id"}
+                inputs, batch = packer(unwrapped, inputs, batch)
                 with nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped):
                     loss = task_loss(wrapped, inputs, cfg.labelled_logits_only)
                     reg = method.regularizer(unwrapped, method_cfg, batch) if method.regularizer else loss.new_zeros(())
