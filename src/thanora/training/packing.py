@@ -19,7 +19,8 @@ loss counts the same tokens as before.
 
 Not in a library: transformers' ``DataCollatorWithFlattening`` packs a whole batch into one row (attention over all
 B·L tokens at once, up to B times a padded batch's attention cost on CPU, where the masked blocks are computed
-anyway) and works on feature lists, before the mixture sampler has built the batch.
+anyway) and works on feature lists, before the mixture sampler has built the batch (`benchmarks/throughput.py`
+measures it with HF Trainer beside this loop).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from torch import Tensor, nn
 
 from thanora.adapters.record import unwrap
 from thanora.methods.base import Method
+from thanora.training.loss import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PACKABLE = frozenset({"input_ids", "attention_mask", "labels"})  # any other key (images, task ids): not packed
 
 
