@@ -243,3 +243,13 @@ def test_loop_speedups_may_change_on_resume(field: str, features: list[dict[str,
                     progress=False)
     assert resumed.resumed_from == 2  # same math: not a mismatch
 
+
+
+def test_a_run_may_resume_with_the_loop_speedups_toggled_or_from_before_they_existed() -> None:
+    from thanora.experiment.rundir import config_changes
+
+    saved = {"train": {"lr": 1e-4, "log_every": 4}}  # a run folder written before the options existed
+    for new in ({"train": {"lr": 1e-4, "log_every": 4, "pack_sequences": True, "labelled_logits_only": True}},
+                {"train": {"lr": 1e-4, "log_every": 4, "pack_sequences": False, "labelled_logits_only": False}}):
+        assert config_changes(saved, new) == []
+    assert config_changes(saved, {"train": {"lr": 3e-4, "log_every": 4}}) == ["train.lr"]

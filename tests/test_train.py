@@ -108,6 +108,7 @@ def features() -> list[dict[str, Any]]:
     ("epochs", 0), ("max_steps", 0), ("batch_size", 0), ("grad_accum", 0), ("lr", 0.0), ("weight_decay", -1.0),
     ("max_grad_norm", -1.0), ("schedule", "step"), ("warmup_ratio", 1.0), ("mixed_precision", "fp8"),
     ("log_every", 0), ("eval_every", -1), ("save_every", -1), ("seed", 1.5), ("gradient_checkpointing", 1),
+    ("pack_sequences", 1),
 ])
 def test_train_config_validation_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.{field} "):
