@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import llava_batch, random_batch, tiny_gpt2, tiny_llama, tiny_llava
-from test_train import RECOMPUTED, collate_features, config, prepared, trainable_state
+from test_train import RECOMPUTED, assert_trained_alike, collate_features, config, prepared, trainable_state
 from thanora.data.formats import IGNORE_INDEX
 from thanora.methods.dare import DareSettings
 from thanora.methods.registry import METHODS
@@ -80,12 +80,7 @@ def test_every_method_trains_identically_with_the_head_on_labelled_positions(met
 
     plain_model, plain = run(False)
     model, gathered = run(True)
-    for got, want in zip(gathered, plain, strict=True):
-        for key in ("loss", "reg", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
-    want_weights = trainable_state(plain_model)
-    for name, value in trainable_state(model).items():
-        torch.testing.assert_close(value, want_weights[name], rtol=1e-5, atol=1e-6)
+    assert_trained_alike(model, gathered, plain_model, plain)
 
 
 def test_the_fused_optimizer_makes_the_standard_updates(features: list[dict[str, Any]],

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import llava_batch, random_batch, tiny_gpt2, tiny_llama
-from test_train import RECOMPUTED, collate_features, config, prepared, trainable_state
+from test_train import RECOMPUTED, assert_trained_alike, collate_features, config, prepared, trainable_state
 from thanora.data.formats import IGNORE_INDEX
 from thanora.methods.dare import DareSettings
 from thanora.methods.mtlora import MtLoraSettings
@@ -180,12 +180,7 @@ def test_every_packing_method_trains_identically_on_packed_and_padded_batches(
     model, packed = run(True)
     assert len(shapes) == 6  # every micro-batch was packed (3 steps x 2)
     assert plain[-1]["reg"] > 0 or METHODS[method].regularizer is None or method == "dora"
-    for got, want in zip(packed, plain, strict=True):
-        for key in ("loss", "reg", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
-    want_weights = trainable_state(plain_model)
-    for name, value in trainable_state(model).items():
-        torch.testing.assert_close(value, want_weights[name], rtol=1e-5, atol=1e-6)
+    assert_trained_alike(model, packed, plain_model, plain)
 
 
 def test_packing_removes_most_of_the_padding(features: list[dict[str, Any]]) -> None:

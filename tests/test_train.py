@@ -93,6 +93,17 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_trained_alike(model: nn.Module, history: list[dict[str, Any]], want_model: nn.Module,
+                         want_history: list[dict[str, Any]]) -> None:
+    """Two runs of the same training to float rounding: losses, regulariser values, gradient norms, final weights."""
+    for got, want in zip(history, want_history, strict=True):
+        for key in ("loss", "reg", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
+    want_weights = trainable_state(want_model)
+    for name, value in trainable_state(model).items():
+        torch.testing.assert_close(value, want_weights[name], rtol=1e-5, atol=1e-6)
+
+
 def config(**overrides: Any) -> TrainConfig:
     base = dict(max_steps=6, batch_size=4, grad_accum=2, lr=1e-2, warmup_ratio=0.0, mixed_precision="no",
                 log_every=1, schedule="cosine")
@@ -397,12 +408,7 @@ def test_gradient_checkpointing_recomputes_and_trains_identically(method: str, f
     model, recomputed, calls = run(True)
     assert plain_calls == 6 and calls == 12  # 3 steps x 2 micro-batches, each replayed once in backward
     assert plain[-1]["reg"] > 0 or METHODS[method].regularizer is None or method == "dora"
-    for got, want in zip(recomputed, plain, strict=True):
-        for key in ("loss", "reg", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
-    weights, plain_weights = trainable_state(model), trainable_state(plain_model)
-    for name, value in plain_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+    assert_trained_alike(model, recomputed, plain_model, plain)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     assert not inner.is_activation_checkpointing  # switched off again
     assert not getattr(inner, "_require_grads_hooks", None)  # and no input-embedding hook left behind
