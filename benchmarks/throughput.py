@@ -29,6 +29,14 @@ evaluation questions with the base model; the predictions must agree.
 
     python benchmarks/throughput.py [--parts train eval] [--rounds 3] [--mixtures 2 4] [--ranks 16 64]
 
+On a GPU, which the real model and data do not reach: ``--model synthetic`` (SmolLM2's configuration with random
+weights, random tokens with the real tasks' recorded sequence and answer lengths, `workload.synthetic_base`: the
+same compute as the real workload, meaningless losses), training only, e.g.
+
+    python benchmarks/throughput.py --parts train --model synthetic --device cuda --mixed-precision bf16 \
+        --epoch-scale 8 --rounds 2 --systems 'hf, grouped' 'hf, flattened' 'thanora lora, padded' 'thanora lora' \
+        'thanora thanora' --out benchmarks/results/throughput_cuda
+
 Writes benchmarks/results/throughput.json and .md (atomically); prints the tables. Runs take the machine: run nothing
 else meanwhile (a result that overlapped another job is void).
 """
@@ -48,6 +56,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from common import publish, resolve_device, run_metadata, sync
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 REPO = HERE.parent
@@ -64,25 +74,37 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from workload import MIXTURES, load_base, task_batches
+    from workload import MIXTURES, load_base, synthetic_base, synthetic_batches, task_batches
 
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    base, tokenizer = load_base(device)
+    device = torch.device(job["device"])
     tasks = MIXTURES[job["mixture"]]
-    data = task_batches(tokenizer, tasks, N_TRAIN[job["mixture"]], 16, 256, device)
+    n_train = N_TRAIN[job["mixture"]] * job["epoch_scale"]
+    if job["model"] == "synthetic":
+        base, tokenizer = synthetic_base(device)
+        data = synthetic_batches(tasks, n_train, 16, base.config.vocab_size, device)
+    else:
+        base, tokenizer = load_base(device)
+        data = task_batches(tokenizer, tasks, n_train, 16, 256, device)
     tokens = sum(len(f["input_ids"]) for f in data.features)
-    system = job["system"]
+    system, bf16 = job["system"], job["mixed_precision"] == "bf16"
     if system.startswith("hf"):
-        seconds, steps = _hf_epoch(base, tokenizer, data.features, job["rank"], system.partition(", ")[2])
+        seconds, steps = _hf_epoch(base, tokenizer, data.features, job["rank"], system.partition(", ")[2], bf16)
     else:
         seconds, steps = _thanora_epoch(base, tokenizer, data, job["rank"], method=system.split()[1].rstrip(","),
-                                        grouped=system.endswith("grouped"), padded=system.endswith("padded"))
+                                        grouped=system.endswith("grouped"), padded=system.endswith("padded"),
+                                        bf16=bf16)
     return {**job, "seconds": seconds, "steps": steps, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "steps_per_s": steps / seconds}
 
 
-def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: int, variant: str
+def _synchronized_clock(device: Any) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    sync(device)
+    return time.perf_counter()
+
+
+def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: int, variant: str, bf16: bool
               ) -> tuple[float, int]:
     """One timed epoch of HF Trainer + PEFT LoRA; ``variant``: "" (defaults), "grouped" or "flattened"."""
     from peft import LoraConfig, get_peft_model
@@ -103,19 +125,20 @@ def _hf_epoch(base: Any, tokenizer: Any, features: list[dict[str, Any]], rank: i
         args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, learning_rate=LR,
                                  num_train_epochs=1, max_steps=max_steps, lr_scheduler_type="linear", warmup_steps=0,
                                  max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to=[],
-                                 use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                                 use_cpu=base.device.type == "cpu", bf16=bf16, dataloader_num_workers=0,
+                                 disable_tqdm=True, seed=0,
                                  train_sampling_strategy="group_by_length" if variant == "grouped" else "random")
         return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
 
     trainer(2).train()  # warm-up
     timed = trainer(-1)
-    start = time.perf_counter()
+    start = _synchronized_clock(base.device)
     out = timed.train()
-    return time.perf_counter() - start, int(out.global_step)
+    return _synchronized_clock(base.device) - start, int(out.global_step)
 
 
-def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str, grouped: bool, padded: bool
-                   ) -> tuple[float, int]:
+def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str, grouped: bool, padded: bool,
+                   bf16: bool) -> tuple[float, int]:
     import dataclasses
 
     from thanora.data import tasks as task_module
@@ -150,13 +173,14 @@ def _thanora_epoch(base: Any, tokenizer: Any, data: Any, rank: int, method: str,
 
     def cfg(steps: int) -> TrainConfig:
         return TrainConfig(max_steps=steps, batch_size=8, grad_accum=1, lr=LR, schedule="linear", warmup_ratio=0.0,
-                           mixed_precision="no", log_every=10_000, **loop)
+                           mixed_precision="bf16" if bf16 else "no", log_every=10_000, **loop)
 
     train(model, spec, config, factory, cfg(2), progress=False)  # warm-up
     steps = len(sampler)
-    start = time.perf_counter()
+    device = next(model.parameters()).device
+    start = _synchronized_clock(device)
     result = train(model, spec, config, factory, cfg(steps), progress=False)
-    return time.perf_counter() - start, result.steps
+    return _synchronized_clock(device) - start, result.steps
 
 
 def baseline_source(ref: str) -> Path:
@@ -192,7 +216,10 @@ def measure_training(args: argparse.Namespace) -> list[dict[str, Any]]:
             for k in range(args.rounds):
                 shift = k % len(systems)
                 for system in systems[shift:] + systems[:shift]:
-                    run = run_job({"system": system, "mixture": mixture, "rank": rank}, baseline)
+                    job = {"system": system, "mixture": mixture, "rank": rank, "model": args.model,
+                           "device": args.device, "mixed_precision": args.mixed_precision,
+                           "epoch_scale": args.epoch_scale}
+                    run = run_job(job, baseline)
                     runs[system].append(run)
                     print(f"{mixture}-task r{rank} round {k + 1}: {system}: {run['tokens_per_s']:.0f} tok/s, "
                           f"{run['steps_per_s']:.2f} steps/s", flush=True)
@@ -269,8 +296,12 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"`{meta['command']}` on {meta['machine']['device']} ({meta['machine']['processor']}, "
                  f"{meta['machine']['torch_threads']} threads), {meta['timestamp_utc']}.")
     if "training" in result:
-        rounds = meta["args"]["rounds"]
-        lines += ["", f"Training: one epoch of batch 8 (SmolLM2-135M, all linear layers, {rounds} interleaved rounds, "
+        args = meta["args"]
+        model = ("SmolLM2-135M" if args.get("model", "smollm2") == "smollm2"
+                 else "SmolLM2-135M's shape with random weights and tokens (synthetic)")
+        precision = " in bf16 autocast" if args.get("mixed_precision") == "bf16" else ""
+        lines += ["", f"Training: one epoch of batch 8 ({model}{precision}, all linear layers, {args['rounds']} "
+                  "interleaved rounds, "
                   f"a fresh process each); ratio = tokens/s over {ANCHOR} (the fastest `hf` system) in the same round, "
                   "median (range).", "",
                   "| mixture | rank | system | tokens/s | steps/s | × HF Trainer's best |",
@@ -300,14 +331,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--n-eval", type=int, default=100, help="evaluation questions per task (scoring part)")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--model", choices=["smollm2", "synthetic"], default="smollm2",
+                        help="synthetic: SmolLM2's shape with random weights and the real tasks' recorded lengths "
+                             "(results/workload_shape.json), for machines the assets do not reach (a lent GPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="for every system alike")
+    parser.add_argument("--epoch-scale", type=int, default=1,
+                        help="training examples per task x this (a GPU needs longer epochs to time)")
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput")
     args = parser.parse_args(argv)
+    if args.model == "synthetic" and "eval" in args.parts:
+        parser.error("--parts eval scores real questions: use --model smollm2 (the synthetic model has no text)")
     sys.path.insert(0, str(HERE))
     import torch
 
-    from common import publish, run_metadata
-
-    meta = run_metadata(vars(args) | {"out": str(args.out)}, torch.device("cpu"))
+    args.device = str(resolve_device(args.device))
+    meta = run_metadata(vars(args) | {"out": str(args.out)}, torch.device(args.device))
     previous = args.out.parent / f"{args.out.name}.json"
     result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}  # parts accumulate
     result |= {"benchmark": "throughput", "meta": meta}

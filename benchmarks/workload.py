@@ -6,8 +6,10 @@ what a user's run does. Import it from a script in this folder.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,3 +118,72 @@ def eval_features(tokenizer: Any, tasks: tuple[str, ...], n_eval: int, max_lengt
         task = build_task(TaskConfig(name, name, n_train=1, n_eval=n_eval, n_calibration=1), seed)
         out += encode_examples(task.eval, task.config, tokenizer, data, task_id)
     return out
+
+
+# The synthetic stand-in for machines the real model and data do not reach (a lent GPU): SmolLM2-135M's shape with
+# random weights, and random tokens with the real tasks' sequence and answer lengths. Compute does not depend on the
+# values, so its step times are the real workload's; its losses and scores mean nothing.
+SHAPE = Path(__file__).parent / "results" / "workload_shape.json"
+
+
+def record_shape(tasks: tuple[str, ...] = MIXTURES[4], n: int = 96, max_length: int = 256) -> dict[str, Any]:
+    """Write `SHAPE`: SmolLM2's config and, per task, the (length, labelled tokens) of its first ``n`` training
+    features encoded as `task_batches` does (needs the offline assets)."""
+    from thanora.artifacts import write_json
+    from thanora.assets import smollm2_dir
+
+    _, tokenizer = load_base(torch.device("cpu"))
+    lengths = {}
+    for name in tasks:
+        features = task_batches(tokenizer, (name,), n, 1, max_length, torch.device("cpu")).features
+        lengths[name] = [[len(f["input_ids"]), sum(label != -100 for label in f["labels"])] for f in features]
+    config = json.loads((smollm2_dir() / "config.json").read_text())
+    shape = {"model_config": {k: v for k, v in config.items() if not k.startswith("_")}, "max_length": max_length,
+             "lengths": lengths}
+    write_json(SHAPE, shape)
+    return shape
+
+
+def synthetic_base(device: torch.device, dtype: torch.dtype = torch.float32, **overrides: Any) -> tuple[nn.Module, Any]:
+    """A randomly initialised model of SmolLM2's configuration (``overrides`` change fields, e.g. a smaller one in
+    tests) and a word-level tokenizer over its vocabulary (pad id 0)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(**{**json.loads(SHAPE.read_text())["model_config"], **overrides})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        pad_token="t0")
+    return model, tokenizer
+
+
+def synthetic_batches(tasks: tuple[str, ...], n_train: int, n_calibration: int, vocab_size: int,
+                      device: torch.device, seed: int = 0) -> TaskBatches:
+    """Random-token features with the recorded (length, labelled tokens) of each task, cycled to ``n_train`` per
+    task (answer-only labels on the last tokens, task ids), and calibration batches of each task's first
+    ``n_calibration`` (length-sorted, padded, as `task_batches` builds them)."""
+    from thanora.data.formats import collate
+
+    lengths = json.loads(SHAPE.read_text())["lengths"]
+    g = torch.Generator().manual_seed(seed)
+    features: list[dict[str, Any]] = []
+    calibration = {}
+    for task_id, name in enumerate(tasks):
+        own = []
+        for k in range(n_train):
+            length, labelled = lengths[name][k % len(lengths[name])]
+            ids = torch.randint(3, vocab_size, (length,), generator=g).tolist()
+            own.append({"input_ids": ids, "attention_mask": [1] * length,
+                        "labels": [-100] * (length - labelled) + ids[length - labelled:], "task_id": task_id})
+        features += own
+        chosen = sorted(own[:n_calibration], key=lambda f: len(f["input_ids"]))
+        batch = collate([{k: f[k] for k in ("input_ids", "attention_mask")} for f in chosen], pad_token_id=0)
+        calibration[name] = [{k: v.to(device) for k, v in batch.items()}]
+    return TaskBatches(features, calibration)
+
+
+if __name__ == "__main__":
+    shape = record_shape()
+    print({task: len(v) for task, v in shape["lengths"].items()}, "->", SHAPE)

@@ -487,3 +487,27 @@ def test_batched_svd_agrees_with_the_per_module_loop_and_renders() -> None:
     table = batched_svd.render({"meta": {"command": "c", "timestamp_utc": "t", "machine": {"device": "cpu"}},
                                 "rounds": 2, "rows": rows})
     assert "| exact | 12 x 8 | 3 | 4 | exact |" in table
+
+
+@pytest.mark.parametrize("system", ["hf", "hf, grouped", "hf, flattened", "thanora lora, padded", "thanora lora",
+                                    "thanora thanora"])
+def test_throughput_runs_every_system_on_the_synthetic_workload(system: str) -> None:
+    """The path a lent GPU takes (no assets there): SmolLM2's recorded shape, here shrunk, random tokens with the
+    recorded lengths; every system trains its epoch and counts its steps."""
+    import torch
+
+    throughput, workload = benchmark_module("throughput"), benchmark_module("workload")
+    cpu = torch.device("cpu")
+    base, tokenizer = workload.synthetic_base(cpu, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=256)
+    data = workload.synthetic_batches(("csqa", "boolq"), 8, 4, 256, cpu)
+    recorded = json.loads(workload.SHAPE.read_text())["lengths"]
+    assert [len(f["input_ids"]) for f in data.features[:8]] == [n for n, _ in recorded["csqa"][:8]]
+    assert all(sum(label != -100 for label in f["labels"]) == k
+               for f, (_, k) in zip(data.features[8:], recorded["boolq"], strict=False))
+    if system.startswith("hf"):
+        seconds, steps = throughput._hf_epoch(base, tokenizer, data.features, 4, system.partition(", ")[2], False)
+    else:
+        seconds, steps = throughput._thanora_epoch(base, tokenizer, data, 4, system.split()[1].rstrip(","),
+                                                   grouped=False, padded=system.endswith("padded"), bf16=False)
+    assert steps == 2 and seconds > 0  # 16 examples, batch 8
