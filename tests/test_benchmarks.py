@@ -338,6 +338,18 @@ class FakePipeline:
         return metrics
 
 
+def tiny_table(accuracy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_methods: int,
+               evaluate_base: bool = False) -> tuple[dict[str, Any], Path, list[str]]:
+    """A 2-task tiny dev-table config of the first ``n_methods`` methods at rank 16, its run folder under
+    ``tmp_path`` and the method labels; records go to ``tmp_path/records``."""
+    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
+    scale = dict(accuracy.SCALES["tiny"])
+    entries = accuracy.method_entries(16)[:n_methods]
+    tasks = accuracy.task_configs(2, scale, dev=True)
+    config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", evaluate_base)
+    return config, tmp_path / "runs" / "table" / "seed0", [accuracy.label_of(e) for e in entries]
+
+
 def test_a_run_stopped_between_methods_keeps_the_finished_ones_across_checkouts(accuracy: Any, tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Each method is recorded as it lands: a session that ends mid-run loses at most the method in training, and
@@ -346,13 +358,7 @@ def test_a_run_stopped_between_methods_keeps_the_finished_ones_across_checkouts(
 
     import thanora.experiment.pipeline as pipeline
 
-    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
-    scale = dict(accuracy.SCALES["tiny"])
-    tasks = accuracy.task_configs(2, scale, dev=True)
-    entries = accuracy.method_entries(16)[:3]
-    labels = [accuracy.label_of(e) for e in entries]
-    config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", False)
-    folder = tmp_path / "runs" / "table" / "seed0"
+    config, folder, labels = tiny_table(accuracy, tmp_path, monkeypatch, 3)
     fake = FakePipeline(stop_at=labels[2])
     monkeypatch.setattr(pipeline, "run", fake)
     with pytest.raises(SystemExit):
@@ -377,13 +383,7 @@ def test_a_changed_method_entry_retrains_that_method_only_and_drops_its_measurem
 
     import thanora.experiment.pipeline as pipeline
 
-    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
-    scale = dict(accuracy.SCALES["tiny"])
-    tasks = accuracy.task_configs(2, scale, dev=True)
-    entries = accuracy.method_entries(16)[:2]
-    labels = [accuracy.label_of(e) for e in entries]
-    config = accuracy.run_config(tasks, entries, 1e-4, 0, scale, 2, "cpu", False)
-    folder = tmp_path / "runs" / "table" / "seed0"
+    config, folder, labels = tiny_table(accuracy, tmp_path, monkeypatch, 2)
     monkeypatch.setattr(pipeline, "run", FakePipeline())
     accuracy.run(config, folder)
     accuracy.run_records.update(folder, effects={label: {"kl_base_tuned": 1.0} for label in labels})
@@ -403,12 +403,7 @@ def test_a_stopped_run_whose_folder_is_kept_is_resumed_not_restarted(accuracy: A
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import thanora.experiment.pipeline as pipeline
 
-    monkeypatch.setattr(accuracy.run_records, "RECORDS", tmp_path / "records")
-    scale = dict(accuracy.SCALES["tiny"])
-    entries = accuracy.method_entries(16)[:3]
-    labels = [accuracy.label_of(e) for e in entries]
-    config = accuracy.run_config(accuracy.task_configs(2, scale, dev=True), entries, 1e-4, 0, scale, 2, "cpu", True)
-    folder = tmp_path / "runs" / "table" / "seed0"
+    config, folder, labels = tiny_table(accuracy, tmp_path, monkeypatch, 3, evaluate_base=True)
     monkeypatch.setattr(pipeline, "run", FakePipeline(stop_at=labels[1]))
     with pytest.raises(SystemExit):
         accuracy.run(config, folder)
