@@ -147,6 +147,44 @@ def test_a_model_whose_attention_crosses_packed_sequences_fails_the_check() -> N
     assert not packing_is_exact(_CrossingLlama(), ragged_batch(1))
 
 
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_the_check_holds_at_the_precision_the_model_runs_in(builder: Any) -> None:
+    """bf16 autocast (a CUDA run's default mixed precision) rounds the packed and padded logits apart by far more
+    than float32 does, yet far less than crossing the sequences would: the check passes there and still fails a
+    model whose attention crosses."""
+    batch = ragged_batch(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packing_is_exact(builder(), batch)
+        assert not packing_is_exact(_CrossingLlama(), batch)
+    assert packing_is_exact(builder().to(torch.bfloat16), batch)
+
+
+def test_training_in_bf16_mixed_precision_packs(features: list[dict[str, Any]], caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the accelerator's bf16 autocast the loop packs (it fell back to padded batches with a false warning
+    while the check used a float32 tolerance) and trains to the padded run's losses within bf16 rounding."""
+    from accelerate.state import AcceleratorState
+
+    calls: list[int] = []
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda batch: calls.append(1) or real_pack(batch))
+    factory = make_loader_factory(features, 8, collate_features, seed=1)
+    settings = PACKED["lora"]
+    histories = []
+    try:
+        for packed in (True, False):
+            AcceleratorState._reset_state(True)
+            model = prepared("lora", settings, features)
+            with caplog.at_level(logging.WARNING, logger=packing.__name__):
+                histories.append(train(model, METHODS["lora"], settings, factory, config(
+                    max_steps=3, batch_size=8, mixed_precision="bf16", pack_sequences=packed), progress=False).history)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert len(calls) == 6 and not caplog.records
+    for got, want in zip(*histories, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
+
+
 def test_the_packer_falls_back_once_for_a_model_that_fails_the_check(caplog: pytest.LogCaptureFixture) -> None:
     batch = ragged_batch(2)
     packer = packing.Packer(True)
