@@ -484,12 +484,15 @@ def test_batched_svd_agrees_with_the_per_module_loop_and_renders() -> None:
     assert "| exact | 12 x 8 | 3 | 4 | exact |" in table
 
 
-@pytest.mark.parametrize("system", ["hf", "hf, grouped", "hf, flattened", "thanora lora, padded", "thanora lora",
-                                    "thanora thanora"])
-def test_throughput_runs_every_system_on_the_synthetic_workload(system: str) -> None:
+@pytest.mark.parametrize(("system", "bf16"), [
+    ("hf", False), ("hf, grouped", False), ("hf, flattened", False), ("thanora lora, padded", False),
+    ("thanora lora", False), ("thanora thanora", False), ("hf, flattened", True), ("thanora thanora", True)])
+def test_throughput_runs_every_system_on_the_synthetic_workload(system: str, bf16: bool) -> None:
     """The path a lent GPU takes (no assets there): SmolLM2's recorded shape, here shrunk, random tokens with the
-    recorded lengths; every system trains its epoch and counts its steps."""
+    recorded lengths; every system trains its epoch and counts its steps, in bf16 autocast too (the CUDA command's
+    ``--mixed-precision bf16``; each system runs in a fresh process there, so the accelerator state is reset here)."""
     import torch
+    from accelerate.state import AcceleratorState
 
     throughput, workload = benchmark_module("throughput"), benchmark_module("workload")
     cpu = torch.device("cpu")
@@ -500,9 +503,13 @@ def test_throughput_runs_every_system_on_the_synthetic_workload(system: str) -> 
     assert [len(f["input_ids"]) for f in data.features[:8]] == [n for n, _ in recorded["csqa"][:8]]
     assert all(sum(label != -100 for label in f["labels"]) == k
                for f, (_, k) in zip(data.features[8:], recorded["boolq"], strict=False))
-    if system.startswith("hf"):
-        seconds, steps = throughput._hf_epoch(base, tokenizer, data.features, 4, system.partition(", ")[2], False)
-    else:
-        seconds, steps = throughput._thanora_epoch(base, tokenizer, data, 4, system.split()[1].rstrip(","),
-                                                   grouped=False, padded=system.endswith("padded"), bf16=False)
+    AcceleratorState._reset_state(True)
+    try:
+        if system.startswith("hf"):
+            seconds, steps = throughput._hf_epoch(base, tokenizer, data.features, 4, system.partition(", ")[2], bf16)
+        else:
+            seconds, steps = throughput._thanora_epoch(base, tokenizer, data, 4, system.split()[1].rstrip(","),
+                                                       grouped=False, padded=system.endswith("padded"), bf16=bf16)
+    finally:
+        AcceleratorState._reset_state(True)
     assert steps == 2 and seconds > 0  # 16 examples, batch 8
