@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from thanora.data.formats import IGNORE_INDEX
+
 MIXTURES = {2: ("csqa", "obqa"), 4: ("csqa", "obqa", "arc_easy", "boolq")}
 
 
@@ -136,7 +138,8 @@ def record_shape(tasks: tuple[str, ...] = MIXTURES[4], n: int = 96, max_length: 
     lengths = {}
     for name in tasks:
         features = task_batches(tokenizer, (name,), n, 1, max_length, torch.device("cpu")).features
-        lengths[name] = [[len(f["input_ids"]), sum(label != -100 for label in f["labels"])] for f in features]
+        lengths[name] = [[len(f["input_ids"]), sum(label != IGNORE_INDEX for label in f["labels"])]
+                         for f in features]
     config = json.loads((smollm2_dir() / "config.json").read_text())
     shape = {"model_config": {k: v for k, v in config.items() if not k.startswith("_")}, "max_length": max_length,
              "lengths": lengths}
@@ -176,7 +179,7 @@ def synthetic_batches(tasks: tuple[str, ...], n_train: int, n_calibration: int, 
             length, labelled = lengths[name][k % len(lengths[name])]
             ids = torch.randint(3, vocab_size, (length,), generator=g).tolist()
             own.append({"input_ids": ids, "attention_mask": [1] * length,
-                        "labels": [-100] * (length - labelled) + ids[length - labelled:], "task_id": task_id})
+                        "labels": [IGNORE_INDEX] * (length - labelled) + ids[length - labelled:], "task_id": task_id})
         features += own
         chosen = sorted(own[:n_calibration], key=lambda f: len(f["input_ids"]))
         batch = collate([{k: f[k] for k in ("input_ids", "attention_mask")} for f in chosen], pad_token_id=0)
