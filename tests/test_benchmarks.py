@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from thanora.data.formats import IGNORE_INDEX
 from thanora.experiment.rundir import RUN_FORMAT
 from thanora.methods.registry import get_method
 
@@ -501,7 +502,7 @@ def test_throughput_runs_every_system_on_the_synthetic_workload(system: str, bf1
     data = workload.synthetic_batches(("csqa", "boolq"), 8, 4, 256, cpu)
     recorded = json.loads(workload.SHAPE.read_text())["lengths"]
     assert [len(f["input_ids"]) for f in data.features[:8]] == [n for n, _ in recorded["csqa"][:8]]
-    assert all(sum(label != -100 for label in f["labels"]) == k
+    assert all(sum(label != IGNORE_INDEX for label in f["labels"]) == k
                for f, (_, k) in zip(data.features[8:], recorded["boolq"], strict=False))
     AcceleratorState._reset_state(True)
     try:
