@@ -748,8 +748,11 @@ def effects_table(result: dict[str, Any]) -> list[str]:
             lines += ["", f"{label}, seed {result['seeds'][0]}: accuracy drop (points) on each task (columns) when one "
                       "task's block is reset to its initial factors (rows):", "",
                       "| block reset | " + " | ".join(ab["tasks"]) + " |", "|---|" + "---|" * len(ab["tasks"])]
-            for task, drops in zip(ab["tasks"], ab["drop"], strict=True):
-                lines.append(f"| {task} | " + " | ".join(f"{100 * d:+.1f}" for d in drops) + " |")
+            intervals = ab.get("drop_ci") or [[None] * len(drops) for drops in ab["drop"]]  # older records: none
+            for task, drops, cis in zip(ab["tasks"], ab["drop"], intervals, strict=True):
+                lines.append(f"| {task} | " + " | ".join(
+                    f"{100 * d:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+                    for d, ci in zip(drops, cis, strict=True)) + " |")
     return lines
 
 

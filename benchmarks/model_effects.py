@@ -5,7 +5,8 @@
 - `unseen_task`: the score on a task none of the methods trains on (HellaSwag, ranked endings).
 - `block_ablation`: for ThanoRA / CorDA adapters, reset one task's block to its initial factors (undo what that block
   learned; zeroing it would also remove the γ-amplified top components the residual base took out of W) and score
-  every task: the T × T matrix of accuracy drops (does block t carry task t?).
+  every task: the T × T matrix of accuracy drops with their paired bootstrap intervals over the questions (does
+  block t carry task t?).
 
 Every function loads the run's exported adapter on a fresh base model (`thanora.experiment.stages` does the same for
 `thanora eval`), so what is measured is what a user gets. Results are cached next to the adapter.
@@ -14,6 +15,7 @@ Every function loads the run's exported adapter on a fresh base model (`thanora.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,12 +106,40 @@ def unseen_task(cfg: Any, adapter: Path | None) -> dict[str, Any]:
     return {"task": UNSEEN_TASK, "score": result["score"], "n": result["n"], "correct": result["correct"]}
 
 
+def reset_block(state: dict[str, torch.Tensor], sidecar: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+    """A copy of the exported adapter weights ``state`` with ``task``'s block reset to its initial factors in every
+    module (undoing what that block learned, nothing else).
+
+    The default export of a residual adapter is A' = [A; A₀[:n]] and B' = [B, −B₀[:, :n]] (`thanora.adapters.export`),
+    so each block's initial factors travel beside it: rows R + start:R + stop of A' and minus columns R + start:R + stop
+    of B' for a block at start:stop of rank R. Written here because no library resets part of a LoRA's rank.
+    """
+    if not str(sidecar.get("conversion", "")).startswith("residual"):
+        raise ValueError("block ablation needs a residual ThanoRA export (its initial factors travel in the adapter); "
+                         f"this one's conversion is {sidecar.get('conversion')!r}: set residual: true")
+    rank = int(sidecar["config"]["rank"])
+    out = {k: v.clone() for k, v in state.items()}
+    for module, table in sidecar["blocks"].items():
+        start, stop = table[task]
+        A = out[f"base_model.model.{module}.lora_A.weight"]  # (R + n_task, d_in): [A; A0[:n_task]]
+        B = out[f"base_model.model.{module}.lora_B.weight"]  # (d_out, R + n_task): [B, -B0[:, :n_task]]
+        A[start:stop] = A[rank + start:rank + stop]
+        B[:, start:stop] = -B[:, rank + start:rank + stop]
+    return out
+
+
 def block_ablation(cfg: Any, adapter: Path, tasks: list[Any]) -> dict[str, Any]:
-    """``{"tasks", "scores": {reset block: {task: score}}, "drop": T × T}`` for an adapter with task blocks (its
-    ``thanora_adapter.json`` sidecar): reset block t to its initial factors, score every task."""
+    """Reset each task's block of an adapter with task blocks (its ``thanora_adapter.json`` sidecar) to its initial
+    factors and score every task on every question.
+
+    Returns ``{"tasks", "scores": {reset block or "none": {task: score}}, "correct": the same of per-question
+    scores, "drop": T × T (row: block reset, column: task scored), "drop_ci": T × T of [lo, hi]}``: the drop's
+    paired bootstrap 95 % interval over that task's questions (`thanora.evaluation.metrics.paired_bootstrap`).
+    """
     from safetensors.torch import load_file, save_file
 
     from thanora.evaluation.evaluate import EvalConfig, EvalTask, evaluate
+    from thanora.evaluation.metrics import paired_bootstrap
 
     sidecar = json.loads((adapter / "thanora_adapter.json").read_text())
     names = list(sidecar["rank_plan"]["tasks"])
@@ -117,29 +147,25 @@ def block_ablation(cfg: Any, adapter: Path, tasks: list[Any]) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg)
     eval_tasks = [EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric) for t in tasks]
 
-    def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    def score(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "adapter"
             shutil.copytree(adapter, folder)
             save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             model = load_trained(cfg, folder)
             results = evaluate(model, tokenizer, eval_tasks, EvalConfig(32), torch.device("cpu"), progress=False)
-        return {t: r["score"] for t, r in results.items()}
+        return {t: list(r["correct"]) for t, r in results.items()}
 
-    rank = int(sidecar["config"]["rank"])
-    full = score(weights)
-    scores = {"none": full}
+    correct = {"none": score(weights)}
     for task in names:
-        state = {k: v.clone() for k, v in weights.items()}
-        for module, table in sidecar["blocks"].items():
-            start, stop = table[task]
-            A = state[f"base_model.model.{module}.lora_A.weight"]  # (R + n_task, d_in): [A; A0[:n_task]]
-            B = state[f"base_model.model.{module}.lora_B.weight"]  # (d_out, R + n_task): [B, -B0[:, :n_task]]
-            A[start:stop] = A[rank + start:rank + stop]  # the block's initial rows, kept beside it by the export
-            B[:, start:stop] = -B[:, rank + start:rank + stop]
-        scores[task] = score(state)
-    drop = [[full[t2] - scores[t1][t2] for t2 in full] for t1 in names]
-    return {"tasks": names, "scores": scores, "drop": drop}
+        correct[task] = score(reset_block(weights, sidecar, task))
+    full = correct["none"]
+    cells = [[paired_bootstrap(full[t2], correct[t1][t2]) for t2 in full] for t1 in names]
+    scores = {row: {t: math.fsum(c) / len(c) for t, c in per_task.items()} for row, per_task in correct.items()}
+    return {"tasks": names, "scores": scores,
+            "correct": correct,
+            "drop": [[cell[0] for cell in row] for row in cells],
+            "drop_ci": [[[cell[1], cell[2]] for cell in row] for row in cells]}
 
 
 def effects_of_run(folder: Path, rows_of: dict[str, list[str]], ablate: bool, cache: Path,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from thanora.data.formats import IGNORE_INDEX
 from thanora.experiment.rundir import RUN_FORMAT
@@ -514,3 +515,51 @@ def test_throughput_runs_every_system_on_the_synthetic_workload(system: str, bf1
     finally:
         AcceleratorState._reset_state(True)
     assert steps == 2 and seconds > 0  # 16 examples, batch 8
+
+
+def test_resetting_a_block_undoes_that_block_only_and_the_table_gives_its_interval(accuracy: Any,
+                                                                                   tmp_path: Path) -> None:
+    """The block ablation's algebra on a tiny ThanoRA export: resetting the block that trained restores the untrained
+    export exactly, resetting any other block changes nothing; a non-residual export is refused."""
+    from safetensors.torch import load_file
+
+    import thanora
+    from conftest import random_batch, tiny_llama
+    from thanora.adapters.record import lora_factors
+
+    effects = benchmark_module("model_effects")
+    calib = {f"t{i}": [random_batch(i), random_batch(i + 10)] for i in range(3)}
+    model = thanora.prepare_model(tiny_llama(), calib, thanora.ThanoraConfig(rank=8), progress=False)
+    adapter = thanora.adapter_of(model)
+
+    def exported(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        folder = thanora.export_adapter(model, tmp_path / name)
+        return load_file(str(folder / "adapter_model.safetensors")), json.loads(
+            (folder / "thanora_adapter.json").read_text())
+
+    untrained, _ = exported("untrained")
+    with torch.no_grad():  # "train" block t1 only
+        for name in adapter.targets:
+            A, B = lora_factors(model, name)
+            start, stop = adapter.blocks[name]["t1"]
+            A[start:stop] += torch.randn_like(A[start:stop])
+            B[:, start:stop] += torch.randn_like(B[:, start:stop])
+    trained, sidecar = exported("trained")
+    assert any(not torch.equal(trained[k], untrained[k]) for k in trained)
+    for key, value in effects.reset_block(trained, sidecar, "t1").items():
+        torch.testing.assert_close(value, untrained[key], rtol=0, atol=0)
+    for key, value in effects.reset_block(trained, sidecar, "t0").items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    assert all(torch.equal(trained[k], v) for k, v in load_file(
+        str(tmp_path / "trained" / "adapter_model.safetensors")).items())  # the input is copied, not changed
+    with pytest.raises(ValueError, match="residual: true"):
+        effects.reset_block(trained, sidecar | {"conversion": "none (no residual base)"}, "t1")
+
+    ablation = {"tasks": ["a", "b"], "drop": [[0.1, 0.0], [0.0, -0.02]],
+                "drop_ci": [[[0.05, 0.15], [-0.01, 0.01]], [[-0.01, 0.01], [-0.04, 0.0]]]}
+    summary = accuracy.summarize_effects([{"kl_base_tuned": 1.0, "mean_abs_dlogit": 1.0, "unseen_score": 0.3,
+                                           "ablation": ablation}])
+    lines = accuracy.effects_table({"rows": {"thanora": {"effects": summary}}, "seeds": [0]})
+    assert "| a | +10.0 [+5.0, +15.0] | +0.0 [-1.0, +1.0] |" in lines
+    old = summary | {"ablation": {k: v for k, v in ablation.items() if k != "drop_ci"}}  # records before intervals
+    assert "| b | +0.0 | -2.0 |" in accuracy.effects_table({"rows": {"thanora": {"effects": old}}, "seeds": [0]})
