@@ -3,10 +3,10 @@
 - `kl_to_base`: mean per-token KL(base ‖ tuned) on held-out plain text (SciQ's support paragraphs: science prose no
   benchmark task trains on), and the mean |Δlogit|; how far a method moves the model off its base.
 - `unseen_task`: the score on a task none of the methods trains on (HellaSwag, ranked endings).
-- `block_ablation`: for ThanoRA / CorDA adapters, reset one task's block to its initial factors (undo what that block
-  learned; zeroing it would also remove the γ-amplified top components the residual base took out of W) and score
-  every task: the T × T matrix of accuracy drops with their paired bootstrap intervals over the questions (does
-  block t carry task t?).
+- `block_ablation`: for adapters with task blocks (ThanoRA, HASI only), reset one task's block to its initial
+  factors (undo what that block learned; zeroing it would also remove the γ-amplified top components the residual
+  base took out of W) and score every task: the T × T matrix of accuracy drops with their paired bootstrap intervals
+  over the questions (does block t carry task t?).
 
 Every function loads the run's exported adapter on a fresh base model (`thanora.experiment.stages` does the same for
 `thanora eval`), so what is measured is what a user gets. Results are cached next to the adapter.
@@ -15,7 +15,6 @@ Every function loads the run's exported adapter on a fresh base model (`thanora.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,22 +146,21 @@ def block_ablation(cfg: Any, adapter: Path, tasks: list[Any]) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg)
     eval_tasks = [EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric) for t in tasks]
 
-    def score(state: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    def score(state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "adapter"
             shutil.copytree(adapter, folder)
             save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
             model = load_trained(cfg, folder)
             results = evaluate(model, tokenizer, eval_tasks, EvalConfig(32), torch.device("cpu"), progress=False)
-        return {t: list(r["correct"]) for t, r in results.items()}
+        return results
 
-    correct = {"none": score(weights)}
-    for task in names:
-        correct[task] = score(reset_block(weights, sidecar, task))
+    results = {"none": score(weights)} | {task: score(reset_block(weights, sidecar, task)) for task in names}
+    correct = {row: {t: list(r["correct"]) for t, r in per_task.items()} for row, per_task in results.items()}
     full = correct["none"]
     cells = [[paired_bootstrap(full[t2], correct[t1][t2]) for t2 in full] for t1 in names]
-    scores = {row: {t: math.fsum(c) / len(c) for t, c in per_task.items()} for row, per_task in correct.items()}
-    return {"tasks": names, "scores": scores,
+    return {"tasks": names,
+            "scores": {row: {t: r["score"] for t, r in per_task.items()} for row, per_task in results.items()},
             "correct": correct,
             "drop": [[cell[0] for cell in row] for row in cells],
             "drop_ci": [[[cell[1], cell[2]] for cell in row] for row in cells]}
