@@ -11,8 +11,8 @@ For each method (and the ablation LoRA / HASI only / HASI + SPR) on the 2-task (
    ``--seeds`` training seeds (adapter init and batch order; the data splits stay fixed so every run answers the
    same questions), same data, steps, rank budget and loop;
 3. the table: per-task and average accuracy (mean ± std over seeds), the base model's zero-shot score, and for each
-   method a paired bootstrap 95 % confidence interval of its difference to LoRA on the same questions (per-question
-   correctness averaged over seeds; for the average, every task's questions resampled independently); two views of
+   method a paired bootstrap 95 % confidence interval of its difference to LoRA on the same questions and seeds
+   (`bootstrap_diff`: seeds resampled, then every task's questions independently); two views of
    the same runs: each method at its own best rate (the fair one, on the evaluation questions) and every method at
    each shared rate of the grid (the paper's protocol, on the dev questions of the sweep).
 
@@ -320,13 +320,29 @@ PAIRS = (("thanora", SINGLE), ("hasi_only", SINGLE), ("thanora", "hasi_only"), (
 
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
                    ) -> dict[str, list[float]]:
-    """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``."""
+    """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``.
+
+    ``a[task]`` and ``b[task]`` are per-question scores with one row per training seed, ``(seeds, questions)``, row s
+    of both from seed s (a 1-D array is one seed). Each resample draws the seeds with replacement, one draw shared by
+    every task (a seed's run trains them all), then every task's questions independently: a two-level bootstrap, so
+    the interval carries the seed-to-seed spread as well as the sampling of the questions. With one seed it is the
+    plain paired bootstrap over questions. The point is the mean over seeds and questions.
+    """
+    diffs = {t: np.asarray(a[t], dtype=float) - np.asarray(b[t], dtype=float) for t in a}
+    shapes = {t: (np.shape(a[t]), np.shape(b[t])) for t in a}
+    n_seeds = {np.atleast_2d(d).shape[0] for d in diffs.values()}
+    if any(sa != sb or len(sa) not in (1, 2) for sa, sb in shapes.values()) or len(n_seeds) != 1:
+        raise ValueError(f"need aligned (seeds, questions) scores with the same seeds for every task, got {shapes}")
     rng = np.random.default_rng(seed)
+    (n_seed,) = n_seeds
+    # (n_boot, seeds) indices; no draw for one seed, so a single run's interval is the plain bootstrap's
+    drawn = rng.integers(0, n_seed, size=(n_boot, n_seed)) if n_seed > 1 else np.zeros((n_boot, 1), dtype=int)
     out, boots = {}, []
-    for task in a:
-        diff = a[task] - b[task]
-        idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
-        means = diff[idx].mean(axis=1)
+    for task, diff in diffs.items():
+        diff = np.atleast_2d(diff)  # (seeds, questions)
+        by_question = diff[drawn].mean(axis=1)  # (n_boot, questions): each resample's seeds, averaged
+        idx = rng.integers(0, diff.shape[1], size=(n_boot, diff.shape[1]))
+        means = np.take_along_axis(by_question, idx, axis=1).mean(axis=1)
         boots.append(means)
         out[task] = [float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
     avg = np.mean(boots, axis=0)
@@ -453,8 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_unseen = run_records.table_dir(root) / "base_unseen.json"
     tasks = [t[0] for t in MIXTURES[args.mixture]]
     rows = {}
-    per_question = {label: {t: np.mean([np.asarray(r[t]["correct"], dtype=float) for r in runs], axis=0)
-                            for t in tasks} for label, runs in finals.items()}
+    per_question = {label: {t: np.stack([np.asarray(r[t]["correct"], dtype=float) for r in runs])
+                            for t in tasks} for label, runs in finals.items()}  # (seeds, questions) per task
     for label, runs in finals.items():
         row: dict[str, Any] = {"lr": chosen[label], "sweep": sweep[label], "n_seeds": len(runs)}
         for t in [*tasks, "average"]:
@@ -647,7 +663,7 @@ def render(result: dict[str, Any]) -> str:
         + ", ".join(f"{t} {n}" for t, n in result["n_eval"].items())
         + ". " + lr_sentence(result, scale) + " "
         "Cells: accuracy % mean ± std over seeds. Δ LoRA: paired bootstrap 95 % CI of the difference on the same "
-        "questions (per-question correctness averaged over seeds).", "",
+        "questions and seeds (each resample draws the seeds with replacement, then every task's questions).", "",
         "| method | params | lr | " + " | ".join(tasks) + " | average | Δ LoRA (average) [95 % CI] |",
         "|---|---|---|" + "---|" * len(tasks) + "---|---|",
     ]

@@ -62,6 +62,26 @@ def test_bootstrap_interval_holds_the_point_and_the_average_is_unweighted(accura
     assert out["x"][2] - out["x"][1] > out["y"][2] - out["y"][1]  # 10x fewer questions: a wider interval
 
 
+def test_bootstrap_over_seeds_carries_the_seed_to_seed_spread(accuracy: Any) -> None:
+    rng = np.random.default_rng(2)
+    b = {"x": rng.integers(0, 2, (3, 60)).astype(float), "y": rng.integers(0, 2, (3, 90)).astype(float)}
+    # every question +0.3 on seeds 0 and 1, -0.3 on seed 2: averaged over seeds first, the spread would vanish
+    a = {t: v + np.array([[0.3], [0.3], [-0.3]]) for t, v in b.items()}
+    out = accuracy.bootstrap_diff(a, b)
+    for task in ("x", "y", "average"):
+        point, lo, hi = out[task]
+        assert point == pytest.approx(0.1) and lo == pytest.approx(-0.3) and hi == pytest.approx(0.3), task
+    one_seed = {t: v[:1] for t, v in b.items()}  # one row: the plain bootstrap over questions, same draws as 1-D
+    flat = {t: v[0] for t, v in b.items()}
+    shifted = {t: v + rng.normal(0, 0.5, v.shape) for t, v in flat.items()}
+    assert accuracy.bootstrap_diff({t: v[None] for t, v in shifted.items()}, one_seed) == \
+        accuracy.bootstrap_diff(shifted, flat)
+    with pytest.raises(ValueError, match="aligned"):
+        accuracy.bootstrap_diff({"x": b["x"]}, {"x": b["x"][0]})
+    with pytest.raises(ValueError, match="aligned"):
+        accuracy.bootstrap_diff({"x": b["x"], "y": b["y"][:2]}, {"x": b["x"], "y": b["y"][:2]})
+
+
 @pytest.mark.parametrize("rank", [16, 32, 64, 128])
 def test_every_benchmark_entry_is_a_valid_method_setting(accuracy: Any, rank: int) -> None:
     entries = accuracy.method_entries(rank)
