@@ -41,7 +41,7 @@ class ThanoraConfig:
             starts at zero) and at lr 3e-4 its training loss tracks LoRA's and CorDA's, where the paper's split stays
             about a point above them from the fifth step on. In the small accuracy table
             (`benchmarks/results/accuracy_2task_small.md`: 250 steps, 3 seeds, 821 questions, each variant at its
-            own best rate 1e-4) it is the nominally best ThanoRA variant, +0.8 points [−1.0, +2.6] over the paper's
+            own best rate 1e-4) it is the nominally best ThanoRA variant, +0.8 points [−1.3, +3.1] over the paper's
             split, with a third less KL to the base model (0.43 vs 0.67 nats/token): not enough evidence to make it
             the default. A thanora option, not in the paper.
         residual: subtract s·B·A from the base weight so the output at step 0 equals the pretrained model's.
@@ -51,10 +51,10 @@ class ThanoraConfig:
             trained path exactly at step 0): exact init in bf16 / fp16 for one more low-rank product per module, and
             ``disable_adapter()`` / ``unload()`` give the original model. Same export and merge.
         spr_lambda: weight λ of the subspace-preserving regulariser (0 disables it: "HASI only"). Measured on
-            SmolLM2, CSQA + OBQA, 250 steps (`benchmarks/results/accuracy_2task_small.md`): HASI + SPR minus HASI
-            only −0.3 points [−1.0, +0.3] at λ = 1e-3 (init-normalised), −0.7 [−1.5, +0.2] at λ = 0.1; the task
-            blocks' overlap stays at its initial 0.832 either way, because Adam moves each factor entry by about the
-            learning rate per step, far less than the factors' entries. SPR needs more or larger steps to act.
+            SmolLM2, CSQA + OBQA, 250 steps (`benchmarks/results/accuracy_2task_small.md`): HASI + SPR minus
+            HASI only −0.3 points [−1.6, +0.6] at λ = 1e-3 (init-normalised), −0.7 [−2.1, +0.5] at λ = 0.1; the
+            task blocks' overlap stays at its initial 0.832 either way, because Adam moves each factor entry by about
+            the learning rate per step, far less than the factors' entries. SPR needs more or larger steps to act.
         spr_normalization: ``"none"`` is the paper's raw sum over modules (SPEC.md §5). Its scale follows the
             covariance: A = √S̃·Vᵀ C⁻¹ grows as C^(-1/2), so modules with small inputs (down_proj) can dominate by
             many orders of magnitude (SmolLM2: λ·SPR ≈ 4e10 at init with λ = 1e-4). ``"init"`` divides each
