@@ -318,6 +318,13 @@ PAIRS = (("thanora", SINGLE), ("hasi_only", SINGLE), ("thanora", "hasi_only"), (
          ("thanora", "corda"), ("thanora_balanced", "thanora"))
 
 
+def default_out(mixture: int, scale: str, rank: int, lr: float | None) -> Path:
+    """Where a table goes without ``--out``: ``accuracy_<mixture>task_<scale>``, plus ``_r<rank>`` for a rank budget
+    other than the scale's and ``_lr<lr>`` for one fixed rate, so no variant overwrites the scale's own table."""
+    suffix = (f"_r{rank}" if rank != SCALES[scale]["rank"] else "") + (f"_lr{lr:g}" if lr else "")
+    return RESULTS / f"accuracy_{mixture}task_{scale}{suffix}"
+
+
 def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0
                    ) -> dict[str, list[float]]:
     """Paired bootstrap of mean(a − b) per task and of the unweighted task average: ``{task: [diff, lo, hi]}``.
@@ -365,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="one learning rate for every method, no sweep: a sensitivity table, not a tuned one "
                              "(written to accuracy_<mixture>task_<scale>_lr<LR> unless --out)")
     parser.add_argument("--methods", nargs="*", help="labels to run (default: the scale's, else all)")
-    parser.add_argument("--rank", type=int, help="rank budget (default: the scale's)")
+    parser.add_argument("--rank", type=int,
+                        help="rank budget (default: the scale's; another one writes accuracy_..._r<RANK> unless --out)")
     parser.add_argument("--n-train", type=int, help="training examples per task, at most (default: the scale's)")
     parser.add_argument("--n-eval", type=int, help="evaluation examples per task, at most (default: the scale's)")
     parser.add_argument("--min-steps", type=int, help="optimiser steps at least (default: the scale's)")
@@ -393,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wanted = args.methods or scale.get("methods")
     entries = [e for e in method_entries(scale["rank"]) if not wanted or label_of(e) in wanted]
     root = RUNS / f"{args.mixture}task_{args.scale}_r{scale['rank']}_n{scale['n_train']}-{scale['n_eval']}"
-    out = args.out or RESULTS / f"accuracy_{args.mixture}task_{args.scale}{f'_lr{args.lr:g}' if args.lr else ''}"
+    out = args.out or default_out(args.mixture, args.scale, scale["rank"], args.lr)
     started = time.time()
     dev_tasks, eval_tasks = task_configs(args.mixture, scale, True), task_configs(args.mixture, scale, False)
     rows_of = {label_of(e): [label_of(x) for x in expand_single([e], eval_tasks, None)]

@@ -82,6 +82,15 @@ def test_bootstrap_over_seeds_carries_the_seed_to_seed_spread(accuracy: Any) -> 
         accuracy.bootstrap_diff({"x": b["x"], "y": b["y"][:2]}, {"x": b["x"], "y": b["y"][:2]})
 
 
+def test_a_variant_never_overwrites_the_scales_own_table(accuracy: Any) -> None:
+    own = accuracy.default_out(2, "small", 16, None)
+    assert own.name == "accuracy_2task_small"
+    assert accuracy.default_out(2, "small", 64, None).name == "accuracy_2task_small_r64"
+    assert accuracy.default_out(4, "small", 16, 1e-4).name == "accuracy_4task_small_lr0.0001"
+    assert accuracy.default_out(4, "tiny", 64, 3e-4).name == "accuracy_4task_tiny_r64_lr0.0003"
+    assert accuracy.default_out(2, "full", 64, None).name == "accuracy_2task_full"  # the full scale's rank is 64
+
+
 @pytest.mark.parametrize("rank", [16, 32, 64, 128])
 def test_every_benchmark_entry_is_a_valid_method_setting(accuracy: Any, rank: int) -> None:
     entries = accuracy.method_entries(rank)
