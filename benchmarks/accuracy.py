@@ -335,11 +335,11 @@ def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: i
     the interval carries the seed-to-seed spread as well as the sampling of the questions. With one seed it is the
     plain paired bootstrap over questions. The point is the mean over seeds and questions.
     """
-    diffs = {t: np.asarray(a[t], dtype=float) - np.asarray(b[t], dtype=float) for t in a}
     shapes = {t: (np.shape(a[t]), np.shape(b[t])) for t in a}
-    n_seeds = {np.atleast_2d(d).shape[0] for d in diffs.values()}
+    n_seeds = {1 if len(sa) == 1 else sa[0] for sa, _ in shapes.values()}
     if any(sa != sb or len(sa) not in (1, 2) for sa, sb in shapes.values()) or len(n_seeds) != 1:
         raise ValueError(f"need aligned (seeds, questions) scores with the same seeds for every task, got {shapes}")
+    diffs = {t: np.asarray(a[t], dtype=float) - np.asarray(b[t], dtype=float) for t in a}
     rng = np.random.default_rng(seed)
     (n_seed,) = n_seeds
     # (n_boot, seeds) indices; no draw for one seed, so a single run's interval is the plain bootstrap's
