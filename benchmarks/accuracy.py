@@ -333,7 +333,9 @@ def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: i
     of both from seed s (a 1-D array is one seed). Each resample draws the seeds with replacement, one draw shared by
     every task (a seed's run trains them all), then every task's questions independently: a two-level bootstrap, so
     the interval carries the seed-to-seed spread as well as the sampling of the questions. With one seed it is the
-    plain paired bootstrap over questions. The point is the mean over seeds and questions.
+    plain paired bootstrap over questions. The point is the mean over seeds and questions. Not the library's
+    `thanora.evaluation.metrics.paired_bootstrap`: that resamples one list of questions, here one seed draw must be
+    shared by several tasks' lists.
     """
     shapes = {t: (np.shape(a[t]), np.shape(b[t])) for t in a}
     n_seeds = {1 if len(sa) == 1 else sa[0] for sa, _ in shapes.values()}
