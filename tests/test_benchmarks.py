@@ -592,3 +592,49 @@ def test_resetting_a_block_undoes_that_block_only_and_the_table_gives_its_interv
     assert "| a | +10.0 [+5.0, +15.0] | +0.0 [-1.0, +1.0] |" in lines
     old = summary | {"ablation": {k: v for k, v in ablation.items() if k != "drop_ci"}}  # records before intervals
     assert "| b | +0.0 | -2.0 |" in accuracy.effects_table({"rows": {"thanora": {"effects": old}}, "seeds": [0]})
+
+
+def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Path) -> None:
+    """`block_ablation` on a real (tiny) ThanoRA run: its untouched row reproduces the run's own per-question
+    scores through the exported adapter; each reset row equals scoring that reset adapter directly; every drop is
+    the untouched score minus the reset one, inside its interval."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_tiny
+    from thanora.data.tasks import build_task
+    from thanora.evaluation.evaluate import EvalConfig, EvalTask, evaluate
+    from thanora.experiment.config import load_config
+
+    effects = benchmark_module("model_effects")
+    out = run_tiny(tmp_path, {"name": "thanora", "rank": 4, "lora_dropout": 0.0})
+    cfg = load_config(out / "config.yaml")
+    tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
+    adapter = out / "thanora" / "adapter"
+    ablation = effects.block_ablation(cfg, adapter, tasks)
+
+    names = ["colors", "animals"]
+    assert ablation["tasks"] == names and set(ablation["scores"]) == {"none", *names}
+    run_metrics = json.loads((out / "metrics.json").read_text())["thanora"]
+    for task in names:
+        assert ablation["scores"]["none"][task] == pytest.approx(run_metrics[task]["score"], abs=1e-9)
+
+    sidecar = json.loads((adapter / "thanora_adapter.json").read_text())
+    trained = load_file(str(adapter / "adapter_model.safetensors"))
+    reset = effects.reset_block(trained, sidecar, "animals")
+    assert any(not torch.equal(reset[k], trained[k]) for k in trained)  # training moved the block: a real reset
+    folder = tmp_path / "reset"
+    shutil.copytree(adapter, folder)
+    save_file(reset, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    eval_tasks = [EvalTask(t.name, t.eval, t.config.answer_format, t.config.resolved_metric) for t in tasks]
+    direct = evaluate(effects.load_trained(cfg, folder), effects._tokenizer(cfg), eval_tasks, EvalConfig(16),
+                      torch.device("cpu"), progress=False)
+    for task in names:
+        assert ablation["correct"]["animals"][task] == list(direct[task]["correct"])
+    for i, block in enumerate(names):
+        for j, task in enumerate(names):
+            drop = ablation["scores"]["none"][task] - ablation["scores"][block][task]
+            assert ablation["drop"][i][j] == pytest.approx(drop, abs=1e-9)
+            lo, hi = ablation["drop_ci"][i][j]
+            assert lo - 1e-9 <= ablation["drop"][i][j] <= hi + 1e-9
