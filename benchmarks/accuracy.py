@@ -338,7 +338,7 @@ def bootstrap_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], n_boot: i
     shared by several tasks' lists.
     """
     shapes = {t: (np.shape(a[t]), np.shape(b[t])) for t in a}
-    n_seeds = {1 if len(sa) == 1 else sa[0] for sa, _ in shapes.values()}
+    n_seeds = {sa[0] if len(sa) == 2 else 1 for sa, _ in shapes.values()}  # a scalar: refused below
     if any(sa != sb or len(sa) not in (1, 2) for sa, sb in shapes.values()) or len(n_seeds) != 1:
         raise ValueError(f"need aligned (seeds, questions) scores with the same seeds for every task, got {shapes}")
     diffs = {t: np.asarray(a[t], dtype=float) - np.asarray(b[t], dtype=float) for t in a}
