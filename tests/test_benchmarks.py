@@ -618,6 +618,7 @@ def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Pat
     assert ablation["tasks"] == names and set(ablation["scores"]) == {"none", *names}
     run_metrics = json.loads((out / "metrics.json").read_text())["thanora"]
     for task in names:
+        assert ablation["correct"]["none"][task] == list(run_metrics[task]["correct"])
         assert ablation["scores"]["none"][task] == pytest.approx(run_metrics[task]["score"], abs=1e-9)
 
     sidecar = json.loads((adapter / "thanora_adapter.json").read_text())
