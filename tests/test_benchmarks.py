@@ -639,3 +639,35 @@ def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Pat
             assert ablation["drop"][i][j] == pytest.approx(drop, abs=1e-9)
             lo, hi = ablation["drop_ci"][i][j]
             assert lo - 1e-9 <= ablation["drop"][i][j] <= hi + 1e-9
+
+
+def test_compare_tables_pairs_each_row_across_two_tables_from_their_records(tmp_path: Path, monkeypatch) -> None:
+    compare_tables = benchmark_module("compare_tables")
+    monkeypatch.setattr(compare_tables.run_records, "RECORDS", tmp_path / "records")
+    rng = np.random.default_rng(0)
+    tasks, seeds = ["x", "y"], [0, 1, 2]
+    correct = {(row, t, s): rng.integers(0, 2, 40 if t == "x" else 60).astype(float)
+               for row in ("lora", "lora_single") for t in tasks for s in seeds}
+
+    def table(name: str, shift: float) -> dict[str, Any]:
+        """A finished table under runs/<name>; every answer of the lora row `shift`ed; lora_single per task."""
+        for s in seeds:
+            metrics = {"lora": {t: {"correct": list(correct["lora", t, s] + shift)} for t in tasks}}
+            metrics |= {f"lora_single_{t}": {t: {"score": 0.0, "correct": list(correct["lora_single", t, s])}}
+                        for t in tasks}
+            records = compare_tables.run_records.table_dir(tmp_path / "runs" / name)
+            records.mkdir(parents=True, exist_ok=True)
+            (records / f"seed{s}.json").write_text(json.dumps({"metrics": metrics}))
+        return {"runs": str(tmp_path / "runs" / name), "mixture": tasks, "seeds": seeds, "n_eval": {"x": 40, "y": 60},
+                "rows": {"lora": {"lr": 1e-3}, "lora_single": {"lr": 3e-3}}}
+
+    first, second = table("r64", 0.25), table("r16", 0.0)
+    rows = compare_tables.compare(first, second)
+    assert rows["lora"]["lr_a"] == rows["lora"]["lr_b"] == 1e-3
+    for task in [*tasks, "average"]:  # every answer shifted: the difference is exact, whatever the resample
+        assert rows["lora"]["diff"][task] == pytest.approx([0.25, 0.25, 0.25])
+        assert rows["lora_single"]["diff"][task] == pytest.approx([0.0, 0.0, 0.0])  # read from its per-task runs
+    assert "| lora | 0.001 | 0.001 | +25.0 [+25.0, +25.0]" in compare_tables.render(
+        {"a": "r64", "b": "r16", "mixture": tasks, "seeds": seeds, "rows": rows})
+    with pytest.raises(SystemExit, match="same tasks, seeds and evaluation questions"):
+        compare_tables.compare(first, second | {"seeds": [0, 1]})
