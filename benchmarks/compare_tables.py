@@ -39,7 +39,7 @@ def per_question(result: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Every row both tables have: A's lr, B's lr and ``{task or "average": [diff, lo, hi]}`` (points / 100)."""
     if a["mixture"] != b["mixture"] or a["seeds"] != b["seeds"] or a["n_eval"] != b["n_eval"]:
-        raise SystemExit("the two tables must have the same tasks, seeds and evaluation questions "
+        raise ValueError("the two tables must have the same tasks, seeds and evaluation questions "
                          f"(got {a['mixture']} / {b['mixture']}, seeds {a['seeds']} / {b['seeds']}, "
                          f"questions {a['n_eval']} / {b['n_eval']})")
     qa, qb = per_question(a), per_question(b)
@@ -68,10 +68,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("second", type=Path, help="accuracy result JSON (the subtrahend)")
     parser.add_argument("--out", type=Path, required=True, help="output stem: <out>.json and <out>.md")
     args = parser.parse_args(argv)
+    for path in (args.first, args.second):
+        if not path.is_file():
+            parser.error(f"{path}: no such accuracy result; run benchmarks/accuracy.py first")
     a, b = (read_json(p) for p in (args.first, args.second))
+    try:
+        rows = compare(a, b)
+    except (ValueError, FileNotFoundError) as err:  # mismatched tables, or a table whose run records are missing
+        parser.error(str(err))
     result = {"benchmark": "compare_tables", "meta": run_metadata(vars(args), resolve_device("cpu")),
-              "a": args.first.name, "b": args.second.name, "mixture": a["mixture"],
-              "seeds": a["seeds"], "rows": compare(a, b)}
+              "a": args.first.name, "b": args.second.name, "mixture": a["mixture"], "seeds": a["seeds"], "rows": rows}
     publish(args.out, result, render(result))
     return result
 

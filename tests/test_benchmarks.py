@@ -669,5 +669,5 @@ def test_compare_tables_pairs_each_row_across_two_tables_from_their_records(tmp_
         assert rows["lora_single"]["diff"][task] == pytest.approx([0.0, 0.0, 0.0])  # read from its per-task runs
     assert "| lora | 0.001 | 0.001 | +25.0 [+25.0, +25.0]" in compare_tables.render(
         {"a": "r64", "b": "r16", "mixture": tasks, "seeds": seeds, "rows": rows})
-    with pytest.raises(SystemExit, match="same tasks, seeds and evaluation questions"):
+    with pytest.raises(ValueError, match="same tasks, seeds and evaluation questions"):
         compare_tables.compare(first, second | {"seeds": [0, 1]})
