@@ -479,8 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_unseen = run_records.table_dir(root) / "base_unseen.json"
     tasks = [t[0] for t in MIXTURES[args.mixture]]
     rows = {}
-    per_question = {label: {t: np.stack([np.asarray(r[t]["correct"], dtype=float) for r in runs])
-                            for t in tasks} for label, runs in finals.items()}  # (seeds, questions) per task
+    per_question = {label: correctness(runs, tasks) for label, runs in finals.items()}
     for label, runs in finals.items():
         row: dict[str, Any] = {"lr": chosen[label], "sweep": sweep[label], "n_seeds": len(runs)}
         for t in [*tasks, "average"]:
@@ -577,6 +576,12 @@ def row_metrics(metrics: dict[str, Any], run_labels: list[str]) -> dict[str, Any
     for label in run_labels:
         out |= {t: v for t, v in metrics[label].items() if t != "average"}
     return out | {"average": statistics.mean(v["score"] for v in out.values())}
+
+
+def correctness(runs: list[dict[str, Any]], tasks: list[str]) -> dict[str, np.ndarray]:
+    """Task -> (seeds, questions) per-question correctness of one table row, from its runs' metrics (one per seed,
+    as `row_metrics` gives them): what `bootstrap_diff` takes."""
+    return {t: np.stack([np.asarray(r[t]["correct"], dtype=float) for r in runs]) for t in tasks}
 
 
 def edge_extensions(sweep: dict[str, dict[float, float]], entries: list[dict[str, Any]]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 import run_records
-from accuracy import bootstrap_diff, row_metrics, row_of
+from accuracy import bootstrap_diff, correctness, row_metrics, row_of
 from common import publish, resolve_device, run_metadata
 from thanora.artifacts import read_json
 
@@ -29,11 +29,8 @@ def per_question(result: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Row -> task -> (seeds, questions) correctness of a finished accuracy table, read from its run records."""
     records = run_records.table_dir(Path(result["runs"]))
     by_seed = [read_json(records / f"seed{seed}.json")["metrics"] for seed in result["seeds"]]
-    out = {}
-    for row in result["rows"]:
-        seeds = [row_metrics(metrics, [label for label in metrics if row_of(label) == row]) for metrics in by_seed]
-        out[row] = {t: np.stack([np.asarray(s[t]["correct"], dtype=float) for s in seeds]) for t in result["mixture"]}
-    return out
+    return {row: correctness([row_metrics(metrics, [label for label in metrics if row_of(label) == row])
+                              for metrics in by_seed], result["mixture"]) for row in result["rows"]}
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
