@@ -597,7 +597,7 @@ def test_resetting_a_block_undoes_that_block_only_and_the_table_gives_its_interv
 def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Path) -> None:
     """`block_ablation` on a real (tiny) ThanoRA run: its untouched row reproduces the run's own per-question
     scores through the exported adapter; each reset row equals scoring that reset adapter directly; every drop is
-    the untouched score minus the reset one, inside its interval."""
+    the untouched score minus the reset one, inside its interval; a stopped ablation resumes from its finished rows."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -612,7 +612,8 @@ def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Pat
     cfg = load_config(out / "config.yaml")
     tasks = [build_task(t, cfg.data.seed) for t in cfg.tasks]
     adapter = out / "thanora" / "adapter"
-    ablation = effects.block_ablation(cfg, adapter, tasks)
+    rows_file = tmp_path / "ablation_rows.json"
+    ablation = effects.block_ablation(cfg, adapter, tasks, rows_file)
 
     names = ["colors", "animals"]
     assert ablation["tasks"] == names and set(ablation["scores"]) == {"none", *names}
@@ -639,6 +640,16 @@ def test_block_ablation_scores_the_exported_adapter_as_the_run_did(tmp_path: Pat
             assert ablation["drop"][i][j] == pytest.approx(drop, abs=1e-9)
             lo, hi = ablation["drop_ci"][i][j]
             assert lo - 1e-9 <= ablation["drop"][i][j] <= hi + 1e-9
+
+    rows = json.loads(rows_file.read_text())  # stopped after "animals": "colors" is rescored, the rest is read back
+    assert set(rows) == {"none", *names}
+    del rows["colors"]
+    rows["animals"]["colors"]["score"] = 0.123
+    rows_file.write_text(json.dumps(rows))
+    resumed = effects.block_ablation(cfg, adapter, tasks, rows_file)
+    assert resumed["scores"]["animals"]["colors"] == 0.123
+    assert resumed["correct"]["colors"] == ablation["correct"]["colors"]
+    assert set(json.loads(rows_file.read_text())) == {"none", *names}
 
 
 def test_compare_tables_pairs_each_row_across_two_tables_from_their_records(tmp_path: Path, monkeypatch) -> None:
