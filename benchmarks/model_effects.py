@@ -164,7 +164,7 @@ def block_ablation(cfg: Any, adapter: Path, tasks: list[Any], rows_file: Path | 
             results[row] = score(weights if row == "none" else reset_block(weights, sidecar, row))
             if rows_file is not None:
                 write_json(rows_file, results)
-    correct = {row: {t: list(r["correct"]) for t, r in per_task.items()} for row, per_task in results.items()}
+    correct = {row: {t: r["correct"] for t, r in per_task.items()} for row, per_task in results.items()}
     full = correct["none"]
     cells = [[paired_bootstrap(full[t2], correct[t1][t2]) for t2 in full] for t1 in names]
     return {"tasks": names,
