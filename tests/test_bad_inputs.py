@@ -476,3 +476,26 @@ def test_resume_may_add_methods_and_then_describes_them_all(box: Sandbox, finish
     saved["methods"] = saved["methods"][:1]
     extended.write_text(yaml.safe_dump(saved))
     assert main(["run", str(extended), "--output-dir", str(run), "--resume", "-q", "--no-progress"]) == 2
+
+
+def test_overwrite_never_follows_a_run_json_outside_the_folder(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """An edited or corrupt ``run.json`` naming ``..``, an absolute path or a nested path cannot make `clear`
+    delete anything but the run's own entries one level inside the folder."""
+    from thanora.experiment.rundir import RUN_FORMAT, clear, written_entries
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data.txt").write_text("mine")
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "notes").mkdir()
+    (run / "metrics.json").write_text("{}")
+    listed = ["..", str(outside), "../precious", "notes/../..", "lora", "metrics.json", "run.json"]
+    (run / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "written": listed}))
+    assert written_entries(run) == ["lora", "metrics.json", "run.json"]
+    with caplog.at_level("WARNING"):
+        kept = clear(run)
+    assert (outside / "data.txt").read_text() == "mine"
+    assert kept == ["notes"] and not (run / "lora").exists() and not (run / "metrics.json").exists()
+    assert "left alone" in caplog.text and "../precious" in caplog.text

@@ -78,7 +78,13 @@ def run_entries(labels: Iterable[str]) -> list[str]:
 
 def written_entries(path: Path) -> list[str]:
     """The entries of run folder ``path`` that its run wrote (its ``run.json`` list; for a run of an older thanora,
-    the standard files and folders and one folder per method of its ``config.yaml``)."""
+    the standard files and folders and one folder per method of its ``config.yaml``), keeping only names a run can
+    write (`RUN_FILES`, `RUN_FOLDERS` or a method label, an identifier): each one level inside the folder, so an
+    edited or corrupt ``run.json`` (``".."``, ``"/home"``, ``"a/../.."``) never points ``--overwrite`` outside it."""
+    return [e for e in _listed_entries(path) if e in RUN_FILES or e in RUN_FOLDERS or e.isidentifier()]
+
+
+def _listed_entries(path: Path) -> list[str]:
     record = _record(path) or {}
     written = record.get("written")
     if isinstance(written, list) and all(isinstance(w, str) for w in written):
@@ -168,6 +174,9 @@ def clear(out: Path) -> list[str]:
     """Delete the entries the run in ``out`` wrote, and nothing else (the spectra cache stays: `KEPT`); returns
     what was left in place."""
     written = set(written_entries(out)) - set(KEPT)
+    foreign = sorted(set(_listed_entries(out)) - set(written_entries(out)))
+    if foreign:
+        logger.warning("%s lists entries a run cannot have written; left alone: %s", out / "run.json", foreign[:8])
     for entry in sorted(written):
         path = out / entry
         if path.is_dir() and not path.is_symlink():
