@@ -173,8 +173,9 @@ def check_inputs_outside(out: Path, inputs: Mapping[str, Path]) -> None:
 def clear(out: Path) -> list[str]:
     """Delete the entries the run in ``out`` wrote, and nothing else (the spectra cache stays: `KEPT`); returns
     what was left in place."""
-    written = set(written_entries(out)) - set(KEPT)
-    foreign = sorted(set(_listed_entries(out)) - set(written_entries(out)))
+    own = set(written_entries(out))
+    written = own - set(KEPT)
+    foreign = sorted(set(_listed_entries(out)) - own)
     if foreign:
         logger.warning("%s lists entries a run cannot have written; left alone: %s", out / "run.json", foreign[:8])
     for entry in sorted(written):
