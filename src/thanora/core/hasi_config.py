@@ -54,7 +54,10 @@ class ThanoraConfig:
             SmolLM2, CSQA + OBQA, 250 steps (`benchmarks/results/accuracy_2task_small.md`): HASI + SPR minus
             HASI only −0.3 points [−1.6, +0.6] at λ = 1e-3 (init-normalised), −0.7 [−2.1, +0.5] at λ = 0.1; the
             task blocks' overlap stays at its initial 0.832 either way, because Adam moves each factor entry by about
-            the learning rate per step, far less than the factors' entries. SPR needs more or larger steps to act.
+            the learning rate per step, far less than the factors' entries. On the 4-task mixture (372 steps, λ =
+            1e-3) it is −0.2 [−1.2, +1.0] at rank 16 and −0.1 [−0.6, +0.4] at rank 64
+            (`benchmarks/results/accuracy_4task_small{,_r64}.md`), the overlap again unchanged. SPR needs more or
+            larger steps to act.
         spr_normalization: ``"none"`` is the paper's raw sum over modules (SPEC.md §5). Its scale follows the
             covariance: A = √S̃·Vᵀ C⁻¹ grows as C^(-1/2), so modules with small inputs (down_proj) can dominate by
             many orders of magnitude (SmolLM2: λ·SPR ≈ 4e10 at init with λ = 1e-4). ``"init"`` divides each
